@@ -1,0 +1,36 @@
+# Two entry points do all set-up on a fresh machine:  make train  and  make test.
+# GPU users: make train TORCH_SPEC=torch TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train train-host test test-all clean-venv
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Train an SAE on a grokked host (the host is trained once and cached under outputs/hosts/).
+train: $(VENV)/.installed
+	$(PY) scripts/train.py $(ARGS)
+
+train-host: $(VENV)/.installed
+	$(PY) scripts/train_host.py $(ARGS)
+
+# The fast default suite (a few minutes on 2 cores).
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+
+# Everything, slow suites included (what CI runs through .ci/run).
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

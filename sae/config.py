@@ -1,0 +1,115 @@
+"""All run schemas, their registration with Hydra, and the guard that turns a composed DictConfig
+into typed dataclasses. Code below this module never sees a DictConfig.
+
+Schemas live in the ConfigStore under `schema/<group>/<name>`; YAML options in conf/<group>/
+extend them (Hydra's "structured configs" pattern: schema in a separate group, options on top).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from sae.errors import UserInputError
+from sae.host_models.config import HostModelConfig
+from sae.saes import SAE_TYPES, SAEConfig
+from sae.tasks.modular import ModularTaskConfig
+from sae.training.hardware import HardwareConfig
+from sae.training.schedules import SchedulerConfig
+from sae.tracking.wandb_tracker import TrackingConfig
+
+
+@dataclass
+class TrainConfig:
+    """scripts/train.py: an SAE or crosscoder on a host model's activations."""
+
+    task: ModularTaskConfig = field(default_factory=ModularTaskConfig)
+    host_model: HostModelConfig = field(default_factory=HostModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lr: float = 1e-3
+    batch_size: int = 1024
+    num_steps: int = 2000
+    seed: int = 0
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null = no clipping
+    log_every: int = 100  # train metrics (the only host syncs in the loop)
+    eval_every: int = 500  # full eval on train and test pairs, spliced metrics included
+    checkpoint_every: Optional[int] = None  # extra resumable checkpoints (besides the FLOP schedule)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "num_steps", "log_every", "eval_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.scheduler.warmup_steps >= self.num_steps:
+            raise ValueError(f"scheduler.warmup_steps must be < num_steps={self.num_steps}, "
+                             f"got {self.scheduler.warmup_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be > 0 or null, got {self.checkpoint_every}")
+
+
+@dataclass
+class HostTrainConfig:
+    """scripts/train_host.py: train a grokking host model."""
+
+    task: ModularTaskConfig = field(default_factory=ModularTaskConfig)
+    host_model: HostModelConfig = field(default_factory=HostModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(UserInputError):
+    """A user-facing config problem; its message is one line naming the key."""
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="train_host_schema", node=HostTrainConfig)
+    store.store(group="schema/task", name="modular", node=ModularTaskConfig)
+    store.store(group="schema/host_model", name="transformer", node=HostModelConfig)
+    for name, (config_cls, _) in SAE_TYPES.items():
+        store.store(group="schema/sae", name=name, node=config_cls)
+    store.store(group="schema/scheduler", name="base", node=SchedulerConfig)
+    store.store(group="schema/hardware", name="base", node=HardwareConfig)
+    store.store(group="schema/tracking", name="base", node=TrackingConfig)
+
+
+def reject_unknown_keys(node: Any, path: str = "") -> None:
+    """Hydra lets `+group.key=value` add keys a schema lacks; walk the tree and refuse them."""
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        allowed = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+        for key in node.keys():
+            full = f"{path}.{key}" if path else str(key)
+            if allowed is not None and key not in allowed:
+                raise ConfigError(f"Key '{key}' not in '{schema.__name__}' (full key: {full}); "
+                                  f"allowed keys: {', '.join(sorted(allowed))}")
+            reject_unknown_keys(node._get_node(key), full)
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node._iter_ex(resolve=False)):
+            reject_unknown_keys(item, f"{path}[{index}]")
+
+
+def to_dataclass(cfg: DictConfig) -> Any:
+    """Composed config -> typed dataclasses, or ConfigError with a one-line message."""
+    reject_unknown_keys(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as error:
+        raise ConfigError(_innermost_message(error)) from error
+
+
+def _innermost_message(error: BaseException) -> str:
+    """OmegaConf wraps __post_init__ errors with context lines; keep the first line of the cause."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[0]

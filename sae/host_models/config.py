@@ -1,0 +1,90 @@
+"""`host_model.*`: the grokking transformer's architecture, its training recipe, and which of its
+activations (checkpoints x layers at one hookpoint) the SAE reads."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from sae.host_models.transformer import Activation, Norm, Positions
+from sae.training.host import HostRecipe
+
+CHECKPOINT_SELECTORS = ("pre_grok", "post_grok", "final", "step_N")
+STEP_SELECTOR = re.compile(r"step_(\d+)$")
+
+
+class Hookpoint(str, Enum):
+    resid_post = "resid_post"
+    mlp_hidden = "mlp_hidden"
+
+
+class TokenPositions(str, Enum):
+    answer = "answer"  # the `=` position, where the answer is read out
+    all = "all"
+
+
+@dataclass
+class HostModelConfig:
+    name: str = "transformer"
+    # architecture
+    n_layers: int = 1
+    d_model: int = 128
+    n_heads: int = 4
+    kv_heads: int = 4
+    d_mlp: int = 512
+    activation: Activation = Activation.relu
+    norm: Norm = Norm.none
+    positional: Positions = Positions.learned
+    train: HostRecipe = field(default_factory=HostRecipe)
+    # where the host comes from: a host training run (scripts/train_host.py), or null to train
+    # (or reuse) the cached run for this task + architecture + recipe under cache_dir
+    run_dir: Optional[str] = None
+    cache_dir: str = "outputs/hosts"
+    # which activations: every (checkpoint, layer) pair is one source; >1 source = crosscoder
+    checkpoint: Optional[str] = None  # shorthand for checkpoints=[<checkpoint>]
+    checkpoints: list[str] = field(default_factory=lambda: ["final"])
+    layers: list[int] = field(default_factory=lambda: [0])
+    hookpoint: Hookpoint = Hookpoint.resid_post
+    token_positions: TokenPositions = TokenPositions.answer
+
+    def __post_init__(self) -> None:
+        for key in ("n_layers", "d_model", "n_heads", "kv_heads", "d_mlp"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"host_model.{key} must be > 0, got {getattr(self, key)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"host_model.d_model={self.d_model} must be divisible by host_model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"host_model.n_heads={self.n_heads} must be divisible by host_model.kv_heads={self.kv_heads}")
+        if self.positional is Positions.rotary and (self.d_model // self.n_heads) % 2:
+            raise ValueError("host_model.positional=rotary needs an even head dimension (d_model / n_heads)")
+        if self.checkpoint is not None:
+            self.checkpoints = [self.checkpoint]
+        if not self.checkpoints:
+            raise ValueError("host_model.checkpoints must name at least one checkpoint")
+        for selector in self.checkpoints:
+            check_checkpoint_selector(selector)
+        if not self.layers:
+            raise ValueError("host_model.layers must name at least one layer")
+        for layer in self.layers:
+            if not 0 <= layer < self.n_layers:
+                raise ValueError(f"host_model.layers: layer {layer} out of range [0, n_layers={self.n_layers})")
+        if len(set(self.layers)) != len(self.layers) or len(set(self.checkpoints)) != len(self.checkpoints):
+            raise ValueError("host_model.layers and host_model.checkpoints must not repeat an entry")
+
+    def architecture(self) -> dict:
+        """The keys TransformerArch takes (vocab and outputs come from the task)."""
+        return dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, kv_heads=self.kv_heads,
+                    d_mlp=self.d_mlp, activation=self.activation, norm=self.norm, positions=self.positional)
+
+
+def check_checkpoint_selector(selector: str) -> None:
+    """A selector is pre_grok | post_grok | final | step_N, or a path to a .safetensors file."""
+    if selector in CHECKPOINT_SELECTORS[:3] or STEP_SELECTOR.match(selector):
+        return
+    if selector.endswith(".safetensors"):
+        return  # a path; its existence is checked before any work, when sources are resolved
+    raise ValueError(
+        f"host_model.checkpoints: invalid entry '{selector}', expected one of "
+        f"[{', '.join(CHECKPOINT_SELECTORS)}] or a path to a host .safetensors checkpoint"
+    )

@@ -1,0 +1,70 @@
+"""Full evaluation of an SAE/crosscoder on train and test pairs, every source, spliced metrics included."""
+from __future__ import annotations
+
+import torch
+
+from sae.metrics.downstream import spliced_metrics
+from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, l0, mse
+from sae.saes.base import SparseCoder
+from sae.training.activations import ActivationData
+
+EVAL_CHUNK = 16384
+
+
+@torch.no_grad()
+def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, l0 per row, fire counts per latent) in chunks, without keeping the latent matrix."""
+    x_hats, l0s, fire_counts = [], [], torch.zeros(sae.d_sae, device=x.device)
+    for chunk in x.split(EVAL_CHUNK):
+        latents = sae.encode(chunk)
+        x_hats.append(sae.decode(latents))
+        active = latents != 0
+        l0s.append(active.sum(dim=1).float())
+        fire_counts += active.sum(dim=0)
+    return torch.cat(x_hats), torch.cat(l0s), fire_counts
+
+
+@torch.no_grad()
+def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) -> dict[str, float]:
+    """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered}.
+
+    MSE is per element in the host's raw units; FVU does not depend on units.
+    """
+    was_training = sae.training
+    sae.eval()
+    metrics: dict[str, float] = {}
+    for split, x in (("train", data.train), ("test", data.test)):
+        tokens, labels = data.dataset.train if split == "train" else data.dataset.test
+        x_hat, row_l0, fire_counts = encode_decode(sae, x)
+        prefix = f"eval/{split}"
+        metrics[f"{prefix}/fvu"] = fvu_all_sources(x, x_hat).item()
+        metrics[f"{prefix}/l0"] = row_l0.mean().item()
+        metrics[f"{prefix}/dead_frac"] = dead_fraction(fire_counts).item()
+        raw_x, raw_x_hat = x / data.scale[:, None], x_hat / data.scale[:, None]
+        per_source_fvu, per_source_mse = fvu(x, x_hat), mse(raw_x, raw_x_hat)
+        for s, source in enumerate(data.sources):
+            metrics[f"{prefix}/{source.name}/fvu"] = per_source_fvu[s].item()
+            metrics[f"{prefix}/{source.name}/mse"] = per_source_mse[s].item()
+            if downstream:
+                spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
+                                          data.positions)
+                metrics.update({f"{prefix}/{source.name}/{k}": v for k, v in spliced.items()})
+    sae.train(was_training)
+    return metrics
+
+
+def headline(metrics: dict[str, float], source_names: list[str]) -> str:
+    """A few lines a person reads at the end of a run."""
+    lines = []
+    for split in ("train", "test"):
+        p = f"eval/{split}"
+        lines.append(f"{split:5s} pairs: FVU {metrics[f'{p}/fvu']:.4f}  L0 {metrics[f'{p}/l0']:.1f}  "
+                     f"dead {metrics[f'{p}/dead_frac']:.1%}")
+        for name in source_names:
+            q = f"{p}/{name}"
+            if f"{q}/acc_spliced" in metrics:
+                lines.append(f"  {name}: answer acc clean {metrics[f'{q}/acc_clean']:.3f} -> spliced "
+                             f"{metrics[f'{q}/acc_spliced']:.3f} (zero-ablated {metrics[f'{q}/acc_zero']:.3f}); "
+                             f"CE {metrics[f'{q}/ce_clean']:.3f} -> {metrics[f'{q}/ce_spliced']:.3f}; "
+                             f"loss recovered {metrics[f'{q}/loss_recovered']:.3f}")
+    return "\n".join(lines)

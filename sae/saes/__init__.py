@@ -1,0 +1,42 @@
+"""SAE registry: configs select an architecture by name (`sae=topk`); checkpoints store the name,
+never an import path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
+from sae.saes.topk import TopKSAE, TopKSAEConfig
+from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
+
+SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
+    "vanilla": (VanillaSAEConfig, VanillaSAE),
+    "topk": (TopKSAEConfig, TopKSAE),
+}
+
+
+def build_sae(cfg: SAEConfig, n_sources: int, d_in: int) -> SparseCoder:
+    if cfg.type not in SAE_TYPES:
+        raise ValueError(f"Invalid value '{cfg.type}' for sae.type, expected one of {sorted(SAE_TYPES)}")
+    return SAE_TYPES[cfg.type][1](cfg, n_sources, d_in)
+
+
+def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
+    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units."""
+    checkpoint_dir = Path(checkpoint_dir)
+    weights, meta = checkpoint_dir / "sae.safetensors", checkpoint_dir / "sae.json"
+    for path in (weights, meta):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a checkpoint dir written by scripts/train.py")
+    info = json.loads(meta.read_text())
+    config_cls, _ = SAE_TYPES[info["sae"]["type"]]
+    sae = build_sae(config_cls(**info["sae"]), info["n_sources"], info["d_in"])
+    sae.load_state_dict(load_file(str(weights), device=device))
+    return sae.to(device)
+
+
+__all__ = ["SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
+           "TopKSAE", "TopKSAEConfig", "VanillaSAE", "VanillaSAEConfig"]

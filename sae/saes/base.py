@@ -1,0 +1,111 @@
+"""The sparse coder shared by every SAE type: one latent space over S sources.
+
+Shapes: x [batch, n_sources, d_in]; latents f [batch, d_sae]. A plain SAE is n_sources=1; a
+crosscoder (Anthropic 2024) has one encoder per source, summed, and one decoder per source:
+    pre  = sum_s (x_s - b_dec_s) @ W_enc[s] + b_enc
+    x̂_s  = f @ W_dec[:, s] + b_dec_s
+Subclasses choose the activation f = act(pre) and may add an auxiliary loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SAEConfig:
+    """`sae.*` keys shared by every SAE type."""
+
+    type: str = "vanilla"
+    sparse_dim: int = 512  # d_sae, the dictionary size
+    sparsity_coef: float = 0.0  # λ on sum_i f_i * sum_s ||W_dec[i, s]|| (the L1 penalty)
+    sparsity_warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
+    normalize: bool = True  # scale each source once so E||x||^2 = d_in; folded back when saved
+    dead_window: int = 100_000  # a latent that has not fired for this many tokens is dead
+    init_decoder_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sparse_dim <= 0:
+            raise ValueError(f"sae.sparse_dim must be > 0, got {self.sparse_dim}")
+        if self.sparsity_coef < 0:
+            raise ValueError(f"sae.sparsity_coef must be >= 0, got {self.sparsity_coef}")
+        if self.sparsity_warmup_steps < 0:
+            raise ValueError(f"sae.sparsity_warmup_steps must be >= 0, got {self.sparsity_warmup_steps}")
+        if self.dead_window <= 0:
+            raise ValueError(f"sae.dead_window must be > 0, got {self.dead_window}")
+        if self.init_decoder_norm <= 0:
+            raise ValueError(f"sae.init_decoder_norm must be > 0, got {self.init_decoder_norm}")
+
+
+class SAEOutput(NamedTuple):
+    x_hat: torch.Tensor  # [batch, n_sources, d_in] reconstruction
+    latents: torch.Tensor  # [batch, d_sae] sparse codes (after the activation)
+    mse: torch.Tensor  # scalar: squared error summed over sources and d_in, mean over batch
+    sparsity: torch.Tensor  # scalar: sum_i f_i * sum_s ||W_dec[i, s]||, mean over batch
+    aux: torch.Tensor  # scalar: auxiliary loss (AuxK for TopK; 0 otherwise)
+
+
+class SparseCoder(nn.Module):
+    def __init__(self, cfg: SAEConfig, n_sources: int, d_in: int):
+        super().__init__()
+        self.cfg, self.n_sources, self.d_in, self.d_sae = cfg, n_sources, d_in, cfg.sparse_dim
+        W_dec = torch.randn(self.d_sae, n_sources, d_in)
+        W_dec *= cfg.init_decoder_norm / W_dec.flatten(1).norm(dim=1)[:, None, None]
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())  # encoder starts as the decoder transpose
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(n_sources, d_in))
+
+    # -- the maths ---------------------------------------------------------------------------
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, n_sources, d_in] -> [batch, d_sae]."""
+        centred = (x - self.b_dec).flatten(1)
+        return centred @ self.W_enc.flatten(0, 1) + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_activations(x))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents: [batch, d_sae] -> [batch, n_sources, d_in]."""
+        return (latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in) + self.b_dec
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[d_sae, n_sources]: ||W_dec[i, s]||."""
+        return self.W_dec.norm(dim=-1)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        pre = self.pre_activations(x)
+        latents = self.activation(pre)
+        x_hat = self.decode(latents)
+        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        sparsity = (latents * self.decoder_norms().sum(dim=1)).sum(dim=1).mean()
+        aux = self.auxiliary_loss(x, x_hat, pre, dead_mask)
+        return SAEOutput(x_hat, latents, mse, sparsity, aux)
+
+    def auxiliary_loss(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+        return x.new_zeros(())
+
+    # -- training hooks (no-ops unless the architecture constrains its decoder) ----------------
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def init_b_dec(self, mean: torch.Tensor) -> None:
+        """mean: [n_sources, d_in], the data mean."""
+        self.b_dec.copy_(mean)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: torch.Tensor) -> None:
+        """Absorb a per-source input scale c_s (the model saw c_s * x_s) so it takes raw x_s."""
+        self.W_enc.mul_(scale[:, None, None])
+        self.W_dec.div_(scale[None, :, None])
+        self.b_dec.div_(scale[:, None])

@@ -1,0 +1,98 @@
+"""Host activations as SAE training data: computed once for the whole (tiny) task, kept in memory.
+
+Sources are every (checkpoint, layer) pair, checkpoint-major. Rows are pairs (token_positions=answer)
+or pairs x positions (token_positions=all); train and test pairs are kept apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae.host_models.config import HostModelConfig, TokenPositions
+from sae.host_models.runs import HostRunError, ensure_host_run, load_host, resolve_checkpoint
+from sae.host_models.transformer import GrokTransformer, hook_name, hook_width
+from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset
+
+EXTRACT_CHUNK = 8192  # pairs per forward pass
+
+
+@dataclass
+class Source:
+    name: str  # e.g. "post_grok.L0"
+    checkpoint: str
+    layer: int
+    model: GrokTransformer
+    hook: str  # hookpoint name in the host, e.g. "blocks.0.resid_post"
+    record: dict  # the host checkpoint's step and accuracies
+
+
+@dataclass
+class ActivationData:
+    """train/test: [rows, n_sources, d_in], already multiplied by `scale` ([n_sources])."""
+
+    sources: list[Source]
+    dataset: ModularDataset
+    positions: TokenPositions
+    train: torch.Tensor
+    test: torch.Tensor
+    scale: torch.Tensor
+    host_run_dir: Path
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+
+def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) -> tuple[list[Source], Path]:
+    run_dir = ensure_host_run(task, host, device)
+    sources = []
+    for selector in host.checkpoints:
+        label, path, record = resolve_checkpoint(run_dir, selector)
+        model = load_host(path, device)
+        for layer in host.layers:
+            if layer >= model.arch.n_layers:
+                raise HostRunError(f"host_model.layers: layer {layer} out of range for {path} "
+                                   f"(n_layers={model.arch.n_layers})")
+            sources.append(Source(f"{label}.L{layer}", label, layer, model, hook_name(layer, host.hookpoint.value), record))
+    widths = {hook_width(s.model.arch, host.hookpoint.value) for s in sources}
+    if len(widths) > 1:
+        raise HostRunError(f"host_model.checkpoints: the sources have different widths {sorted(widths)}; "
+                           "a crosscoder needs one d_in")
+    return sources, run_dir
+
+
+@torch.no_grad()
+def extract(sources: list[Source], tokens: torch.Tensor, positions: TokenPositions) -> torch.Tensor:
+    """tokens: [n, seq] -> [n (x seq if positions=all), n_sources, d_in], one pass per checkpoint."""
+    by_model: dict[int, list[int]] = {}
+    for index, source in enumerate(sources):
+        by_model.setdefault(id(source.model), []).append(index)
+    columns: list[torch.Tensor | None] = [None] * len(sources)
+    for indices in by_model.values():
+        model = sources[indices[0]].model
+        chunks = [model.capture(chunk, [sources[i].hook for i in indices]) for chunk in tokens.split(EXTRACT_CHUNK)]
+        for i in indices:
+            acts = torch.cat([chunk[sources[i].hook] for chunk in chunks])  # [n, seq, d]
+            columns[i] = acts[:, -1] if positions is TokenPositions.answer else acts.flatten(0, 1)
+    return torch.stack(columns, dim=1)
+
+
+def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normalize: bool, device: str) -> ActivationData:
+    sources, run_dir = load_sources(task, host, device)
+    dataset = build_dataset(task)
+    dataset.tokens, dataset.labels = dataset.tokens.to(device), dataset.labels.to(device)
+    dataset.is_train, dataset.op_ids = dataset.is_train.to(device), dataset.op_ids.to(device)
+    positions = host.token_positions
+    train = extract(sources, dataset.train[0], positions)
+    test = extract(sources, dataset.test[0], positions)
+    scale = normalisation_scale(train) if normalize else torch.ones(len(sources), device=train.device)
+    return ActivationData(sources, dataset, positions, train * scale[:, None], test * scale[:, None], scale, run_dir)
+
+
+def normalisation_scale(x: torch.Tensor) -> torch.Tensor:
+    """One factor per source so that E||c_s x_s||^2 = d_in on the training rows (dataset-wide,
+    not per token, so relative norms between tokens are kept)."""
+    mean_sq_norm = x.pow(2).sum(dim=-1).mean(dim=0)
+    return (x.shape[-1] / mean_sq_norm.clamp_min(1e-12)).sqrt()

@@ -1,0 +1,209 @@
+"""Train a grokking host model: full-batch AdamW with strong weight decay (Nanda et al. 2023).
+
+A run dir holds
+    arch.json                      architecture to rebuild the model
+    checkpoints/step_XXXXXXX.safetensors   log-spaced, plus the memorisation and grokking steps
+    summary.json                   task, recipe, memorisation/grokking steps, every checkpoint's accuracies
+    curves.png                     train/test loss and accuracy
+`summary.json` is written last and marks the run complete (a cached host is reused only then).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from sae.host_models.transformer import GrokTransformer, TransformerArch
+from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset, vocab_size
+from sae.training.checkpoint import atomic_file, write_json
+from sae.errors import UserInputError
+from sae.tracking.base import Tracker
+
+MEMORISED = GROKKED = 0.99  # accuracy thresholds on train / test pairs
+
+
+@dataclass
+class HostRecipe:
+    """`host_model.train.*`: the host's training recipe."""
+
+    lr: float = 3e-3
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_steps: int = 10
+    num_steps: int = 5000
+    eval_every: int = 10
+    steps_after_grok: int | None = 100  # stop this many steps after grokking; null = all num_steps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_steps <= 0:
+            raise ValueError(f"host_model.train.num_steps must be > 0, got {self.num_steps}")
+        if not 0 <= self.warmup_steps < self.num_steps:
+            raise ValueError(
+                f"host_model.train.warmup_steps must be in [0, num_steps={self.num_steps}), got {self.warmup_steps}"
+            )
+        if self.eval_every <= 0:
+            raise ValueError(f"host_model.train.eval_every must be > 0, got {self.eval_every}")
+
+
+def log_spaced_steps(num_steps: int) -> set[int]:
+    """0, 1, 2, 5, 10, 20, 50, ... up to num_steps (the 1-2-5 series) and num_steps itself."""
+    steps, decade = {0, num_steps}, 1
+    while decade <= num_steps:
+        steps.update(m * decade for m in (1, 2, 5) if m * decade <= num_steps)
+        decade *= 10
+    return steps
+
+
+def build_host(task: ModularTaskConfig, arch_keys: dict) -> GrokTransformer:
+    arch = TransformerArch(vocab_size=vocab_size(task.p), n_outputs=task.p, **arch_keys)
+    return GrokTransformer(arch)
+
+
+@torch.no_grad()
+def evaluate_host(model: GrokTransformer, data: ModularDataset) -> dict[str, float]:
+    """Loss and accuracy on train and test pairs, and test accuracy per operation."""
+    logits = model(data.tokens)
+    losses = F.cross_entropy(logits, data.labels, reduction="none")
+    correct = (logits.argmax(-1) == data.labels).float()
+    metrics = {}
+    for split, mask in (("train", data.is_train), ("test", ~data.is_train)):
+        metrics[f"{split}/loss"] = losses[mask].mean().item()
+        metrics[f"{split}/acc"] = correct[mask].mean().item()
+    if len(data.operations) > 1:
+        for index, op in enumerate(data.operations):
+            mask = ~data.is_train & (data.op_ids == index)
+            metrics[f"test/acc_{op.value}"] = correct[mask].mean().item()
+    return metrics
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def save_host_checkpoint(model: GrokTransformer, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+
+
+def run_host_training(
+    task: ModularTaskConfig, arch_keys: dict, recipe: HostRecipe, run_dir: Path, tracker: Tracker,
+    device: str = "cpu", quiet: bool = False,
+) -> dict:
+    """Train to grokking (or num_steps); returns the summary that is also written to summary.json."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(recipe.seed)
+    data = build_dataset(task)
+    model = build_host(task, arch_keys).to(device)
+    data = dataclasses.replace(data, **{f: getattr(data, f).to(device) for f in ("tokens", "labels", "op_ids", "is_train")})
+    train_tokens, train_labels = data.train
+    write_json(run_dir / "arch.json", dataclasses.asdict(model.arch))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(recipe.beta1, recipe.beta2)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.warmup_steps))
+    save_at = log_spaced_steps(recipe.num_steps)
+    history, checkpoints = [], []
+    memorisation_step = grokking_step = None
+    last_step = recipe.num_steps
+    started = time.time()
+    for step in range(recipe.num_steps + 1):
+        is_eval = step % recipe.eval_every == 0 or step == recipe.num_steps
+        if is_eval:
+            model.eval()
+            metrics = evaluate_host(model, data)
+            model.train()
+            history.append({"step": step, **metrics})
+            tracker.log(metrics, step)
+            event = False
+            if memorisation_step is None and metrics["train/acc"] >= MEMORISED:
+                memorisation_step, event = step, True
+            if grokking_step is None and metrics["test/acc"] >= GROKKED:
+                grokking_step, event = step, True
+                if recipe.steps_after_grok is not None:
+                    last_step = min(recipe.num_steps, step + recipe.steps_after_grok)
+            if not quiet and (event or step % (recipe.eval_every * 50) == 0):
+                print(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  test acc {metrics['test/acc']:.3f}  "
+                      f"({time.time() - started:.0f}s)", flush=True)
+            if step in save_at or event or step >= last_step:
+                name = f"step_{step:07d}.safetensors"
+                save_host_checkpoint(model, run_dir / "checkpoints" / name)
+                checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})
+        if step >= last_step:
+            break
+        loss = F.cross_entropy(model(train_tokens), train_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    summary = {
+        "complete": True,
+        "task": dataclasses.asdict(task),
+        "recipe": dataclasses.asdict(recipe),
+        "memorisation_step": memorisation_step,
+        "grokking_step": grokking_step,
+        "final_step": last_step,
+        "wall_time_s": round(time.time() - started, 1),
+        "final": history[-1],
+        "checkpoints": checkpoints,
+    }
+    (run_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    plot_host_curves(history, summary, run_dir / "curves.png")
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def plot_host_curves(history: list[dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for split in ("train", "test"):
+        ax_loss.plot(steps, [max(h[f"{split}/loss"], 1e-8) for h in history], label=split)
+        ax_acc.plot(steps, [h[f"{split}/acc"] for h in history], label=split)
+    ax_loss.set_yscale("log")
+    for ax, name in ((ax_loss, "cross-entropy"), (ax_acc, "accuracy")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        for key, style in (("memorisation_step", ":"), ("grokking_step", "--")):
+            if summary[key] is not None:
+                ax.axvline(summary[key], color="grey", linestyle=style, label=key.replace("_", " "))
+        ax.legend()
+    ops = "+".join(op for op in summary["task"]["operations"])
+    fig.suptitle(f"host training: {ops}, p={summary['task']['p']}")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_host_job(cfg, run_dir: Path) -> dict:
+    """scripts/train_host.py's job. cfg: sae.config.HostTrainConfig."""
+    from sae.tracking import check_tracking, make_tracker
+    from sae.training.hardware import apply_threads, check_hardware
+
+    check_hardware(cfg.hardware)
+    check_tracking(cfg.tracking)
+    if (Path(run_dir) / "summary.json").is_file():
+        raise UserInputError(f"{run_dir} already holds a finished host run; choose another hydra.run.dir")
+    apply_threads(cfg.hardware)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    tracker = make_tracker(cfg.tracking, Path(run_dir), config)
+    summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, Path(run_dir),
+                                tracker, device=cfg.hardware.device.value)
+    tracker.finish()
+    print(f"memorised at step {summary['memorisation_step']}, grokked at step {summary['grokking_step']}; "
+          f"final train acc {summary['final']['train/acc']:.3f}, test acc {summary['final']['test/acc']:.3f}\n"
+          f"Run dir: {run_dir}  (use it with scripts/train.py host_model.run_dir={run_dir})", flush=True)
+    return summary

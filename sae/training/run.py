@@ -1,0 +1,170 @@
+"""The SAE/crosscoder training loop: setup, resume, steps, logging, eval, checkpoints, in that order."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sae.config import TrainConfig
+from sae.errors import UserInputError
+from sae.metrics.evaluate import evaluate, headline
+from sae.saes import build_sae
+from sae.saes.base import SparseCoder
+from sae.tracking import check_tracking, make_tracker, truncate_jsonl
+from sae.host_models.runs import check_host_inputs
+from sae.training.activations import ActivationData, load_activation_data
+from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
+from sae.training.hardware import apply_threads, autocast, check_hardware
+from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
+
+# Keys a resumed run may change: they do not alter the trained weights.
+RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume from a checkpoint of a different run instead of silently mixing them."""
+    saved = json.loads((checkpoint / "config.json").read_text())
+    current = config_dict(cfg)
+    for key in set(saved) | set(current):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise UserInputError(f"{checkpoint.parent.parent} holds a checkpoint of a different run ('{key}' differs: "
+                             f"saved {saved.get(key)}, now {current.get(key)}); use a new output dir "
+                             f"(hydra.run.dir=...) or the saved config")
+
+
+def flops_per_step(cfg: TrainConfig, n_sources: int, d_in: int) -> int:
+    """Dense encoder + decoder, forward and backward: 3 x (2 + 2) x batch x S x d_in x d_sae."""
+    return 12 * cfg.batch_size * n_sources * d_in * cfg.sae.sparse_dim
+
+
+def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    check_hardware(cfg.hardware)  # every check that can fail comes before any work
+    check_tracking(cfg.tracking)
+    check_host_inputs(cfg.task, cfg.host_model)
+    previous = latest_checkpoint(run_dir)
+    if previous is not None:
+        check_resumable(previous, cfg)
+    apply_threads(cfg.hardware)
+    device = cfg.hardware.device.value
+    data = load_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device)
+    n_rows, n_sources, d_in = data.train.shape
+
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(cfg.sae, n_sources, d_in).to(device)
+    sae.init_b_dec(data.train.mean(dim=0))
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    batch_generator = torch.Generator().manual_seed(cfg.seed)
+    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    step, flops = 0, 0
+    if previous is not None:
+        state = load_train_state(previous, device)
+        sae.load_state_dict(state["sae"])
+        optimizer.load_state_dict(state["optimizer"])
+        batch_generator.set_state(state["batch_generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        tokens_since_fired.copy_(state["tokens_since_fired"])
+        step, flops = state["step"], state["flops"]
+        truncate_jsonl(run_dir / "metrics.jsonl", step)
+        print(f"Resuming from {previous} (step {step}/{cfg.num_steps})", flush=True)
+    forward = torch.compile(sae) if cfg.hardware.compile else sae
+    tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))
+    write_json(run_dir / "config.json", config_dict(cfg))
+    step_flops = flops_per_step(cfg, n_sources, d_in)
+
+    def save(at_step: int) -> None:
+        train_state = {
+            "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
+            "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "tokens_since_fired": tokens_since_fired,
+        }
+        save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
+                            config_dict(cfg), train_state)
+
+    progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
+    started = time.time()
+    while step < cfg.num_steps:
+        # -- one optimisation step (no host syncs here) --
+        lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
+        rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
+        x = data.train[rows]
+        dead_mask = tokens_since_fired > cfg.sae.dead_window
+        with autocast(cfg.hardware):
+            out = forward(x, dead_mask)
+        loss = out.mse + coef * out.sparsity + out.aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.before_optimizer_step()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        sae.after_optimizer_step()
+        fired = (out.latents > 0).any(dim=0)
+        tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+        step, flops = step + 1, flops + step_flops
+        progress.update(1)
+
+        # -- logging, eval and checkpoints at their intervals --
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+            metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
+            tracker.log(metrics, step)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
+                                 l0=f"{metrics['train/l0']:.1f}")
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            tracker.log(evaluate(sae, data), step)
+        on_schedule = crosses_flop_boundary(flops - step_flops, flops)
+        periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+        if on_schedule or periodic or step == cfg.num_steps:
+            save(step)
+    progress.close()
+
+    final = evaluate(sae, data)
+    summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
+               "host_run_dir": str(data.host_run_dir), "sources": data.source_names}
+    write_json(run_dir / "final_metrics.json", summary)
+    tracker.log(final, step)
+    tracker.finish()
+    print(headline(final, data.source_names), flush=True)
+    print(f"Run dir: {run_dir}", flush=True)
+    return summary
+
+
+def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: float, dead_mask: torch.Tensor) -> dict:
+    with torch.no_grad():
+        total = (x - x.mean(dim=0)).pow(2).sum()
+        return {
+            "train/loss": loss.item(), "train/mse": out.mse.item(), "train/aux": out.aux.item(),
+            "train/sparsity": out.sparsity.item(),
+            "train/fvu": ((out.x_hat.float() - x).pow(2).sum() / total.clamp_min(1e-12)).item(),
+            "train/l0": (out.latents != 0).float().sum(dim=1).mean().item(),
+            "train/dead_frac": dead_mask.float().mean().item(), "train/lr": lr, "train/sparsity_coef": coef,
+        }
+
+
+def folded_state(sae: SparseCoder, data: ActivationData) -> dict:
+    """Weights that take raw activations (the training-time normalisation folded in)."""
+    folded = build_sae(sae.cfg, sae.n_sources, sae.d_in).to(data.scale.device)
+    folded.load_state_dict(sae.state_dict())
+    folded.fold_input_scale(data.scale)
+    return folded.state_dict()
+
+
+def sae_meta(cfg: TrainConfig, data: ActivationData, step: int, flops: int) -> dict:
+    return {
+        "sae": json.loads(json.dumps(dataclasses.asdict(cfg.sae), default=str)),
+        "n_sources": len(data.sources), "d_in": data.train.shape[-1], "step": step, "flops": flops,
+        "sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook} for s in data.sources],
+        "input_scale": data.scale.tolist(), "host_run_dir": str(data.host_run_dir),
+        "token_positions": data.positions.value,
+    }

@@ -1,0 +1,62 @@
+"""Schedules as pure functions of the step (no scheduler objects to save or restore)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    linear_decay = "linear_decay"
+
+
+@dataclass
+class SchedulerConfig:
+    """`scheduler.*`: linear warm-up from 0, then the named shape down to min_lr_ratio * lr."""
+
+    name: Schedule = Schedule.constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine / linear_decay end at this fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def lr_at(step: int, lr: float, num_steps: int, cfg: SchedulerConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `num_steps`."""
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.name is Schedule.constant:
+        return lr
+    progress = (step - cfg.warmup_steps) / max(1, num_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, progress)
+    if cfg.name is Schedule.cosine:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def sparsity_coef_at(step: int, coef: float, warmup_steps: int) -> float:
+    """The sparsity penalty ramps linearly from 0 to `coef` over `warmup_steps`."""
+    if warmup_steps == 0:
+        return coef
+    return coef * min(1.0, step / warmup_steps)
+
+
+def crosses_flop_boundary(flops_before: float, flops_after: float) -> bool:
+    """True when (flops_before, flops_after] holds a 1eN or 3eN boundary (the seed's schedule)."""
+    if flops_after < 1:
+        return False
+    low = math.floor(math.log10(max(flops_before, 1.0)))
+    high = math.floor(math.log10(flops_after))
+    return any(
+        flops_before < mantissa * 10.0**exponent <= flops_after
+        for exponent in range(low, high + 1)
+        for mantissa in (1, 3)
+    )

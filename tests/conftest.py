@@ -1,0 +1,50 @@
+"""Shared fixtures. One thread: on a 2-core box two threads made small runs several times slower."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(1)
+
+from sae.config import TrainConfig  # noqa: E402
+from sae.host_models.config import HostModelConfig  # noqa: E402
+from sae.saes.topk import TopKSAEConfig  # noqa: E402
+from sae.tasks.modular import ModularTaskConfig, Operation  # noqa: E402
+from sae.training.hardware import HardwareConfig  # noqa: E402
+from sae.training.host import HostRecipe  # noqa: E402
+from sae.training.schedules import SchedulerConfig  # noqa: E402
+from sae.tracking import TrackingConfig, WandbMode  # noqa: E402
+
+TINY_P = 23
+
+
+def tiny_task(**overrides) -> ModularTaskConfig:
+    keys = dict(name="addition", operations=[Operation.addition], p=TINY_P, train_fraction=0.6, seed=0)
+    return ModularTaskConfig(**{**keys, **overrides})
+
+
+def tiny_host(cache_dir: Path, **overrides) -> HostModelConfig:
+    keys = dict(n_layers=2, d_model=32, n_heads=2, kv_heads=2, d_mlp=64, cache_dir=str(cache_dir),
+                train=HostRecipe(lr=1e-2, num_steps=60, eval_every=10, steps_after_grok=None))
+    return HostModelConfig(**{**keys, **overrides})
+
+
+def tiny_train_config(cache_dir: Path, sae=None, **overrides) -> TrainConfig:
+    keys = dict(
+        task=tiny_task(), host_model=tiny_host(cache_dir), sae=sae or TopKSAEConfig(sparse_dim=64, k=4, k_aux=16),
+        scheduler=SchedulerConfig(warmup_steps=5), hardware=HardwareConfig(threads=1),
+        tracking=TrackingConfig(mode=WandbMode.disabled), lr=3e-3, batch_size=64, num_steps=40,
+        log_every=10, eval_every=20,
+    )
+    return TrainConfig(**{**keys, **overrides})
+
+
+@pytest.fixture(scope="session")
+def host_cache(tmp_path_factory) -> Path:
+    """A cache dir shared by the session, so the tiny host is trained once."""
+    return tmp_path_factory.mktemp("hosts")

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from sae.saes import build_sae
+from sae.saes.topk import TopKSAEConfig
+from sae.saes.vanilla import VanillaSAEConfig
+
+
+def random_sae(cfg, n_sources=1, d_in=6, seed=0):
+    torch.manual_seed(seed)
+    sae = build_sae(cfg, n_sources, d_in)
+    with torch.no_grad():  # move away from the tied init so encoder and decoder differ
+        for param in sae.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return sae
+
+
+def naive_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, a Python loop: keep the k largest values (then ReLU), zero the rest."""
+    out = torch.zeros_like(pre)
+    for r, row in enumerate(pre.tolist()):
+        order = sorted(range(len(row)), key=lambda i: row[i], reverse=True)[:k]
+        for i in order:
+            out[r, i] = max(row[i], 0.0)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_topk_keeps_exactly_k_and_matches_naive(k):
+    sae = random_sae(TopKSAEConfig(sparse_dim=16, k=k))
+    x = torch.randn(20, 1, 6) + 3.0
+    pre = sae.pre_activations(x)
+    latents = sae.encode(x)
+    assert torch.allclose(latents, naive_topk(pre, k))
+    positive_rows = (pre.topk(k).values > 0).all(dim=1)
+    assert ((latents != 0).sum(dim=1)[positive_rows] == k).all()
+
+
+def test_vanilla_loss_matches_hand_computation():
+    sae = random_sae(VanillaSAEConfig(sparse_dim=5), n_sources=1, d_in=3)
+    x = torch.randn(4, 1, 3)
+    out = sae(x)
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc[0], sae.b_enc, sae.W_dec[:, 0], sae.b_dec[0]
+    mse_total, sparsity_total = 0.0, 0.0
+    for row in x[:, 0]:
+        f = torch.relu((row - b_dec) @ W_enc + b_enc)
+        x_hat = f @ W_dec + b_dec
+        mse_total += ((x_hat - row) ** 2).sum()
+        sparsity_total += sum(f[i] * W_dec[i].norm() for i in range(5))
+    assert torch.allclose(out.mse, mse_total / 4, atol=1e-6)
+    assert torch.allclose(out.sparsity, sparsity_total / 4, atol=1e-6)
+
+
+def test_crosscoder_loss_matches_hand_computation():
+    """Anthropic's crosscoder: summed per-source encoders, per-source MSE summed, and
+    lambda * sum_i f_i * sum_s ||W_dec[s, i]||."""
+    n_sources, d_in, d_sae = 3, 4, 6
+    sae = random_sae(VanillaSAEConfig(sparse_dim=d_sae), n_sources, d_in)
+    x = torch.randn(5, n_sources, d_in)
+    out = sae(x)
+    mse_total, sparsity_total = 0.0, 0.0
+    for row in x:
+        pre = sae.b_enc.clone()
+        for s in range(n_sources):
+            pre += (row[s] - sae.b_dec[s]) @ sae.W_enc[s]
+        f = torch.relu(pre)
+        for s in range(n_sources):
+            x_hat_s = f @ sae.W_dec[:, s] + sae.b_dec[s]
+            mse_total += ((x_hat_s - row[s]) ** 2).sum()
+        sparsity_total += sum(f[i] * sum(sae.W_dec[i, s].norm() for s in range(n_sources)) for i in range(d_sae))
+    assert torch.allclose(out.mse, mse_total / 5, atol=1e-5)
+    assert torch.allclose(out.sparsity, sparsity_total / 5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [VanillaSAEConfig(sparse_dim=8), TopKSAEConfig(sparse_dim=8, k=3)])
+def test_one_source_crosscoder_is_the_plain_sae(cfg):
+    """A plain SAE written with 2-D weights gives the same codes and reconstruction."""
+    sae = random_sae(cfg, n_sources=1, d_in=5)
+    x = torch.randn(7, 5)
+    W_enc, W_dec, b_enc, b_dec = sae.W_enc[0], sae.W_dec[:, 0], sae.b_enc, sae.b_dec[0]
+    pre = (x - b_dec) @ W_enc + b_enc
+    f = torch.relu(pre) if cfg.type == "vanilla" else naive_topk(pre, cfg.k)
+    out = sae(x[:, None])
+    assert torch.allclose(out.latents, f, atol=1e-6)
+    assert torch.allclose(out.x_hat[:, 0], f @ W_dec + b_dec, atol=1e-6)
+
+
+def test_init_ties_encoder_to_decoder_and_topk_decoder_rows_are_unit_norm():
+    torch.manual_seed(0)
+    sae = build_sae(TopKSAEConfig(sparse_dim=10, k=2), n_sources=2, d_in=3)
+    assert torch.allclose(sae.W_enc, sae.W_dec.permute(1, 2, 0))
+    assert torch.allclose(sae.W_dec.flatten(1).norm(dim=1), torch.ones(10))
+
+
+def test_topk_decoder_stays_unit_norm_after_a_step():
+    sae = random_sae(TopKSAEConfig(sparse_dim=10, k=2), n_sources=2, d_in=3)
+    sae.after_optimizer_step()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.1)
+    out = sae(torch.randn(16, 2, 3))
+    out.mse.backward()
+    sae.before_optimizer_step()
+    optimizer.step()
+    sae.after_optimizer_step()
+    assert torch.allclose(sae.W_dec.flatten(1).norm(dim=1), torch.ones(10), atol=1e-6)
+
+
+def test_auxk_is_zero_without_dead_latents_and_trains_only_dead_ones():
+    cfg = TopKSAEConfig(sparse_dim=12, k=2, k_aux=4, aux_coef=1.0)
+    sae = random_sae(cfg, n_sources=1, d_in=4)
+    x = torch.randn(32, 1, 4)
+    no_dead = torch.zeros(12, dtype=torch.bool)
+    assert sae(x, no_dead).aux.item() == 0.0
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[[1, 5, 7]] = True
+    out = sae(x, dead)
+    assert out.aux.item() > 0
+    sae.zero_grad()
+    out.aux.backward()
+    rows_with_grad = sae.W_dec.grad.flatten(1).abs().sum(dim=1) > 0
+    assert rows_with_grad[dead].any() and not rows_with_grad[~dead].any()
+
+
+def test_auxk_matches_hand_computation():
+    cfg = TopKSAEConfig(sparse_dim=6, k=1, k_aux=2, aux_coef=0.5)
+    sae = random_sae(cfg, n_sources=1, d_in=3)
+    x = torch.randn(8, 1, 3)
+    dead = torch.tensor([False, True, True, True, False, False])
+    out = sae(x, dead)
+    pre = sae.pre_activations(x)
+    e = (x - out.x_hat)[:, 0]
+    e_hat = torch.zeros_like(e)
+    for r in range(8):
+        dead_values = {i: pre[r, i].item() for i in range(6) if dead[i]}
+        for i in sorted(dead_values, key=dead_values.get, reverse=True)[:2]:
+            e_hat[r] += max(dead_values[i], 0.0) * sae.W_dec[i, 0]
+    expected = 0.5 * ((e_hat - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    assert torch.allclose(out.aux, expected, atol=1e-5)
+
+
+def test_folding_the_input_scale_keeps_outputs_in_raw_units():
+    sae = random_sae(TopKSAEConfig(sparse_dim=8, k=3), n_sources=2, d_in=4)
+    scale = torch.tensor([0.5, 3.0])
+    x_raw = torch.randn(10, 2, 4)
+    x_hat_scaled = sae(x_raw * scale[:, None]).x_hat
+    sae.fold_input_scale(scale)
+    assert torch.allclose(sae(x_raw).x_hat, x_hat_scaled / scale[:, None], atol=1e-5)
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(sparse_dim=2048, k=5000), r"sae.k must be in \(0, sae.sparse_dim=2048\], got 5000"),
+    (dict(sparse_dim=16, k=0), r"sae.k must be in \(0, sae.sparse_dim=16\], got 0"),
+    (dict(sparse_dim=0), "sae.sparse_dim must be > 0"),
+    (dict(k_aux=0), "sae.k_aux must be > 0"),
+])
+def test_bad_sae_config_is_refused(keys, message):
+    with pytest.raises(ValueError, match=message):
+        TopKSAEConfig(**keys)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from sae.host_models.transformer import Activation, GrokTransformer, Norm, Positions, TransformerArch
+
+
+def arches():
+    for n_layers in (1, 2):
+        for activation in Activation:
+            for norm in Norm:
+                for positions in Positions:
+                    yield TransformerArch(vocab_size=29, n_outputs=23, n_layers=n_layers, d_model=16, n_heads=4,
+                                          kv_heads=2, d_mlp=24, activation=activation, norm=norm, positions=positions)
+
+
+def reference_logits(model: GrokTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Every position computed (no last-position shortcut): a no-op hook on the last block forces it."""
+    last = len(model.blocks) - 1
+    return model(tokens, {f"blocks.{last}.resid_post": lambda x: x})
+
+
+@pytest.mark.parametrize("arch", list(arches()), ids=lambda a: f"{a.n_layers}L-{a.activation.value}-{a.norm.value}-{a.positions.value}")
+def test_last_position_shortcut_gives_the_full_model_logits(arch):
+    torch.manual_seed(0)
+    model = GrokTransformer(arch)
+    tokens = torch.randint(0, 29, (10, 4))
+    assert torch.allclose(model(tokens), reference_logits(model, tokens), atol=1e-5)
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = GrokTransformer(TransformerArch(vocab_size=29, n_outputs=23, n_layers=2, d_model=16, n_heads=4, kv_heads=4, d_mlp=24))
+    tokens = torch.randint(0, 23, (5, 4))
+    changed = tokens.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 23
+    first = model.capture(tokens, ["blocks.1.resid_post"])["blocks.1.resid_post"]
+    second = model.capture(changed, ["blocks.1.resid_post"])["blocks.1.resid_post"]
+    assert torch.allclose(first[:, :3], second[:, :3]) and not torch.allclose(first[:, 3], second[:, 3])
+
+
+def test_hooks_read_and_replace():
+    torch.manual_seed(0)
+    model = GrokTransformer(TransformerArch(vocab_size=29, n_outputs=23, n_layers=2, d_model=16, n_heads=4, kv_heads=4, d_mlp=24))
+    tokens = torch.randint(0, 23, (6, 4))
+    cache = model.capture(tokens, ["blocks.0.resid_post", "blocks.0.mlp_hidden"])
+    assert cache["blocks.0.resid_post"].shape == (6, 4, 16) and cache["blocks.0.mlp_hidden"].shape == (6, 4, 24)
+    identity = model(tokens, {"blocks.0.resid_post": lambda x: x})
+    assert torch.allclose(identity, model(tokens), atol=1e-6)
+    ablated = model(tokens, {"blocks.0.mlp_hidden": torch.zeros_like})
+    assert not torch.allclose(ablated, identity)
