@@ -1,0 +1,85 @@
+"""The scripts as a user runs them, in a subprocess, on tiny overrides."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["task.p=23", "task.train_fraction=0.6", "host_model.d_model=32", "host_model.n_heads=2", "host_model.kv_heads=2",
+        "host_model.d_mlp=64", "host_model.train.num_steps=60", "host_model.train.steps_after_grok=null", "hardware.threads=1"]
+SAE_TINY = ["sae.sparse_dim=64", "sae.k=8", "batch_size=64", "scheduler.warmup_steps=5"]
+
+
+def run_script(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_script_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *TINY, *SAE_TINY, "num_steps=30",
+                        "eval_every=15", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss recovered" in result.stdout
+    summary = json.loads((run_dir / "final_metrics.json").read_text())
+    assert summary["step"] == 30 and summary["eval/test/l0"] <= 8
+    assert (run_dir / "checkpoints" / "step_0000030" / "sae.safetensors").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # offline W&B by default
+    hosts = list((tmp_path / "outputs" / "hosts").iterdir())
+    assert len(hosts) == 1 and (hosts[0] / "summary.json").is_file() and (hosts[0] / "curves.png").is_file()
+
+
+def test_train_host_script_then_sae_on_its_run(tmp_path):
+    host_dir = tmp_path / "host"
+    result = run_script("train_host.py", *TINY, "tracking=disabled", f"hydra.run.dir={host_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((host_dir / "summary.json").read_text())
+    assert summary["final_step"] == 60 and summary["checkpoints"][-1]["step"] == 60
+    result = run_script("train.py", *TINY, f"host_model.run_dir={host_dir}", "host_model.checkpoints=[step_50,final]",
+                        *SAE_TINY, "num_steps=10", "tracking=disabled",
+                        f"hydra.run.dir={tmp_path / 'sae'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "sae" / "final_metrics.json").read_text())["sources"] == ["step_50.L0", "final.L0"]
+    assert not (tmp_path / "outputs" / "hosts").exists()  # the given run was used, nothing retrained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sae.k=5000", "sae.sparse_dim=2048"], "Error: sae.k must be in (0, sae.sparse_dim=2048], got 5000"),
+    (["+sae.kk=3"], "Error: Key 'kk' not in 'TopKSAEConfig' (full key: sae.kk)"),
+    (["hardware=cuda"], "Error: hardware.device=cuda but torch sees no CUDA device"),
+    (["host_model.checkpoints=[missing/step.safetensors]"], "Error: host_model.checkpoints: file not found: missing/step.safetensors"),
+    (["host_model.run_dir=nowhere"], "Error: host_model.run_dir=nowhere holds no finished host run"),
+])
+def test_bad_input_fails_in_one_line_before_any_work(tmp_path, overrides, message):
+    if "cuda" in overrides[0]:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    existing = tmp_path / "run"
+    (existing / "checkpoints").mkdir(parents=True)
+    (existing / "keep.txt").write_text("earlier results")
+    result = run_script("train.py", *overrides, f"hydra.run.dir={existing}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [message] or message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert (existing / "keep.txt").read_text() == "earlier results"
+    assert not (tmp_path / "outputs").exists()  # no host was trained
+
+
+def test_online_tracking_without_credentials_is_refused_before_work(tmp_path):
+    env_home = tmp_path / "home"
+    env_home.mkdir()
+    env = {**os.environ, "HOME": str(env_home), "WANDB_API_KEY": ""}
+    env.pop("WANDB_API_KEY")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "tracking=online",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "tracking.mode=online needs W&B credentials" in result.stderr
+    assert not (tmp_path / "outputs").exists()

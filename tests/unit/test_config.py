@@ -1,0 +1,115 @@
+"""Every option of every group composes with every other; bad input fails with a message naming the key."""
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from sae.config import ConfigError, HostTrainConfig, TrainConfig, register_configs, to_dataclass
+from sae.saes import SAE_TYPES
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+GROUPS = ["task", "host_model", "sae", "scheduler", "hardware", "tracking"]
+OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in GROUPS}
+register_configs()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def build(overrides: list[str], config_name: str = "config"):
+    return to_dataclass(compose(config_name=config_name, overrides=overrides))
+
+
+def test_every_group_has_options():
+    assert all(OPTIONS[group] for group in GROUPS)
+    assert set(OPTIONS["task"]) == {"addition", "subtraction", "multiplication", "division", "conditional", "mixed"}
+    assert set(OPTIONS["sae"]) == set(SAE_TYPES)
+
+
+def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
+    """Greedy pairwise covering: every option of every group appears with every option of every
+    other group in some row (what "every option composes with every other" needs), in far fewer
+    rows than the full product."""
+    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(option_lists)), 2)
+                 for a in option_lists[i] for b in option_lists[j]}
+    rows = []
+    candidates = list(itertools.product(*option_lists))
+    while uncovered:
+        def gain(row):
+            return sum((i, row[i], j, row[j]) in uncovered for i, j in itertools.combinations(range(len(row)), 2))
+        best = max(candidates, key=gain)
+        rows.append(best)
+        uncovered -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(best)), 2)}
+    return rows
+
+
+@pytest.mark.parametrize("choice", all_pairs([OPTIONS[g] for g in GROUPS]), ids="-".join)
+def test_every_option_composes_with_every_other(choice):
+    cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.task.name == choice[0] and cfg.sae.type == choice[2]
+    assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == choice[4]
+    assert cfg.tracking.mode.value == choice[5]
+
+
+@pytest.mark.parametrize("task", OPTIONS["task"])
+def test_host_training_config_composes(task):
+    cfg = build([f"task={task}"], config_name="train_host")
+    assert isinstance(cfg, HostTrainConfig) and cfg.task.name == task
+
+
+def test_readme_example_composes():
+    cfg = build(["task=division", "sae=topk", "sae.k=50"])
+    assert cfg.sae.k == 50 and [o.value for o in cfg.task.operations] == ["division"]
+
+
+def test_sources_are_lists_and_checkpoint_is_a_shorthand():
+    cfg = build(["host_model.n_layers=2", "host_model.layers=[0,1]", "host_model.checkpoints=[pre_grok,post_grok]"])
+    assert cfg.host_model.layers == [0, 1] and cfg.host_model.checkpoints == ["pre_grok", "post_grok"]
+    assert build(["host_model.checkpoint=step_100"]).host_model.checkpoints == ["step_100"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sae.kk=50"], "Key 'kk' not in 'TopKSAEConfig'"),
+    (["sae.k=fifty"], "could not be converted to Integer"),
+    (["hardware.device=gpu"], "Invalid value 'gpu', expected one of [cpu, cuda]"),
+    (["task.operations=[addition,power]"], "Invalid value 'power'"),
+    (["sae=vanilla", "sae.k=3"], "Key 'k' not in 'VanillaSAEConfig'"),
+])
+def test_hydra_rejects_bad_keys_types_and_choices(overrides, message):
+    with pytest.raises(ConfigCompositionException) as error:
+        build(overrides)
+    assert message in str(error.value) + str(error.value.__cause__)
+
+
+def test_unknown_option_lists_the_available_ones():
+    with pytest.raises(MissingConfigException) as error:
+        build(["sae=topkk"])
+    assert "Could not find 'sae/topkk'" in str(error.value)
+    assert "topk" in str(error.value) and "vanilla" in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+sae.kk=3"], "Key 'kk' not in 'TopKSAEConfig' (full key: sae.kk)"),
+    (["+host_model.train.momentum=3"], "Key 'momentum' not in 'HostRecipe' (full key: host_model.train.momentum)"),
+    (["sae.k=5000", "sae.sparse_dim=2048"], "sae.k must be in (0, sae.sparse_dim=2048], got 5000"),
+    (["task.p=100"], "task.p must be a prime"),
+    (["host_model.layers=[1]"], "host_model.layers: layer 1 out of range [0, n_layers=1)"),
+    (["scheduler.warmup_steps=2000"], "scheduler.warmup_steps must be < num_steps=2000"),
+    (["host_model.checkpoints=[best]"], "host_model.checkpoints: invalid entry 'best'"),
+    (["host_model.d_model=100", "host_model.n_heads=3"], "host_model.d_model=100 must be divisible by host_model.n_heads=3"),
+    (["batch_size=0"], "batch_size must be > 0"),
+    (["task.train_fraction=1.5"], "task.train_fraction must be in (0, 1)"),
+])
+def test_schema_and_cross_field_checks_fail_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        build(overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)

@@ -1,0 +1,41 @@
+"""Checkpoint selectors resolve from a host run's record (pure logic, a hand-written record)."""
+import json
+
+import pytest
+
+from sae.host_models.runs import HostRunError, resolve_checkpoint
+
+
+def write_run(tmp_path, checkpoints, grokking_step):
+    records = [{"step": s, "file": f"checkpoints/step_{s:07d}.safetensors", "train/acc": tr, "test/acc": te}
+               for s, tr, te in checkpoints]
+    summary = {"complete": True, "task": {"p": 97, "operations": ["addition"]}, "checkpoints": records,
+               "grokking_step": grokking_step, "memorisation_step": 50, "final_step": records[-1]["step"]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    return tmp_path
+
+
+CHECKPOINTS = [(0, 0.01, 0.01), (10, 0.3, 0.02), (50, 1.0, 0.05), (100, 1.0, 0.2), (200, 1.0, 0.7),
+               (350, 1.0, 0.99), (500, 1.0, 1.0)]
+
+
+@pytest.mark.parametrize("selector, step", [("final", 500), ("post_grok", 350), ("pre_grok", 100), ("step_200", 200)])
+def test_selectors(tmp_path, selector, step):
+    run = write_run(tmp_path, CHECKPOINTS, grokking_step=350)
+    label, path, record = resolve_checkpoint(run, selector)
+    assert record["step"] == step and path == run / f"checkpoints/step_{step:07d}.safetensors"
+
+
+def test_pre_grok_falls_back_to_the_last_memorised_checkpoint_when_generalisation_was_fast(tmp_path):
+    run = write_run(tmp_path, [(0, 0.0, 0.0), (50, 1.0, 0.6), (80, 1.0, 0.9), (100, 1.0, 0.995)], grokking_step=100)
+    assert resolve_checkpoint(run, "pre_grok")[2]["step"] == 80
+
+
+def test_selector_errors_say_what_to_do(tmp_path):
+    run = write_run(tmp_path, CHECKPOINTS, grokking_step=None)
+    with pytest.raises(HostRunError, match="never grokked"):
+        resolve_checkpoint(run, "post_grok")
+    with pytest.raises(HostRunError, match=r"no checkpoint at step 7 .*saved steps: \[0, 10, 50"):
+        resolve_checkpoint(run, "step_7")
+    with pytest.raises(HostRunError, match="train one first with `python scripts/train_host.py"):
+        resolve_checkpoint(tmp_path / "empty", "final")

@@ -1,0 +1,115 @@
+"""Tiny real runs in-process: outputs, checkpoint round trip, resume equivalence, metrics sanity."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sae
+from sae.host_models.config import Hookpoint, TokenPositions
+from sae.saes import load
+from sae.saes.topk import TopKSAEConfig
+from sae.saes.vanilla import VanillaSAEConfig
+from sae.training.activations import load_activation_data
+from sae.training.checkpoint import latest_checkpoint
+from sae.training.run import run_training
+from tests.conftest import tiny_host, tiny_train_config
+
+
+def final_weights(run_dir):
+    return load_file(str(latest_checkpoint(run_dir) / "sae.safetensors"))
+
+
+def test_run_writes_metrics_checkpoints_and_config(tmp_path, host_cache):
+    cfg = tiny_train_config(host_cache)
+    summary = run_training(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.json", "final_metrics.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    steps = sorted(int(d.name.split("_")[1]) for d in (run / "checkpoints").glob("step_*"))
+    assert steps[-1] == cfg.num_steps and len(steps) >= 3  # FLOP schedule + the end
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/fvu", "train/l0"} <= set(records[0])
+    assert summary["eval/train/l0"] <= cfg.sae.k
+    assert 0 <= summary["eval/test/fvu"] < 1
+    for split in ("train", "test"):
+        assert f"eval/{split}/final.L0/loss_recovered" in summary
+
+
+def test_saved_sae_takes_raw_activations(tmp_path, host_cache):
+    """load() gives weights with the normalisation folded in: raw host activations in, raw out."""
+    cfg = tiny_train_config(host_cache)
+    run_training(cfg, tmp_path / "run")
+    loaded = load(latest_checkpoint(tmp_path / "run"))
+    data = load_activation_data(cfg.task, cfg.host_model, normalize=True, device="cpu")
+    raw = data.train / data.scale[:, None]
+    training_view = torch.load(latest_checkpoint(tmp_path / "run") / "train_state.pt", weights_only=True)["sae"]
+    trained = sae.saes.build_sae(cfg.sae, 1, raw.shape[-1])
+    trained.load_state_dict(training_view)
+    expected = trained(data.train).x_hat / data.scale[:, None]
+    assert torch.allclose(loaded(raw).x_hat, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("sae_cfg", [
+    TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128),  # short window: AuxK and dead counters active
+    VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10),
+])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, host_cache, sae_cfg):
+    cfg = tiny_train_config(host_cache, sae=sae_cfg, checkpoint_every=15, num_steps=40)
+    run_training(cfg, tmp_path / "full")
+    # An interrupted run: only the step-15 checkpoint made it to disk before the job died.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000015", interrupted / "checkpoints" / "step_0000015")
+    summary = run_training(cfg, interrupted)
+    assert summary["step"] == 40
+    full, resumed = final_weights(tmp_path / "full"), final_weights(interrupted)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, host_cache):
+    run_training(tiny_train_config(host_cache, num_steps=20), tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="holds a checkpoint of a different run \\('lr' differs"):
+        run_training(tiny_train_config(host_cache, num_steps=20, lr=1e-2), tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_crosscoder_over_layers_and_all_positions(tmp_path, host_cache):
+    host = tiny_host(host_cache, layers=[0, 1], checkpoints=["step_50", "final"], token_positions=TokenPositions.all)
+    summary = run_training(tiny_train_config(host_cache, host_model=host), tmp_path / "run")
+    assert summary["sources"] == ["step_50.L0", "step_50.L1", "final.L0", "final.L1"]
+    meta = json.loads((latest_checkpoint(tmp_path / "run") / "sae.json").read_text())
+    assert meta["n_sources"] == 4 and meta["token_positions"] == "all"
+    assert load(latest_checkpoint(tmp_path / "run")).W_dec.shape == (64, 4, 32)
+
+
+def test_mlp_hookpoint(tmp_path, host_cache):
+    host = tiny_host(host_cache, hookpoint=Hookpoint.mlp_hidden)
+    run_training(tiny_train_config(host_cache, host_model=host, num_steps=20), tmp_path / "run")
+    assert load(latest_checkpoint(tmp_path / "run")).d_in == 64
+
+
+def test_perfect_splice_recovers_all_loss(host_cache):
+    """Splicing the clean activation back in is a no-op: CE equals the clean CE."""
+    from sae.metrics.downstream import spliced_metrics
+
+    cfg = tiny_train_config(host_cache)
+    data = load_activation_data(cfg.task, cfg.host_model, normalize=False, device="cpu")
+    tokens, labels = data.dataset.train
+    source = data.sources[0]
+    metrics = spliced_metrics(source.model, tokens, labels, source.hook, data.train[:, 0], data.train[:, 0],
+                              data.positions)
+    assert metrics["ce_spliced"] == pytest.approx(metrics["ce_clean"], abs=1e-5)
+    assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["ce_zero"] > metrics["ce_clean"]
+
+
+def test_wandb_offline_writes_its_run_files(tmp_path, host_cache):
+    from sae.tracking import TrackingConfig, WandbMode
+
+    cfg = tiny_train_config(host_cache, num_steps=10, tracking=TrackingConfig(mode=WandbMode.offline, group="g"))
+    run_training(cfg, tmp_path / "run")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (tmp_path / "run" / "wandb_id.txt").read_text().strip() in runs[0].name
