@@ -79,6 +79,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
+    any_dead = bool((tokens_since_fired > cfg.sae.dead_window).any())
 
     def save(at_step: int) -> None:
         train_state = {
@@ -101,7 +102,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
         x = data.train[rows]
         dead_mask = tokens_since_fired > cfg.sae.dead_window
         with autocast(cfg.hardware):
-            out = forward(x, dead_mask)
+            # any_dead is refreshed at log intervals (a host sync); until then AuxK may run with no
+            # dead latent (it then contributes exactly 0) or skip for < log_every steps.
+            out = forward(x, dead_mask if any_dead else None)
         loss = out.mse + coef * out.sparsity + out.aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,6 +121,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
         # -- logging, eval and checkpoints at their intervals --
         if step % cfg.log_every == 0 or step == cfg.num_steps:
             metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
+            any_dead = metrics["train/dead_frac"] > 0
             tracker.log(metrics, step)
             progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                  l0=f"{metrics['train/l0']:.1f}")

@@ -113,3 +113,14 @@ def test_schema_and_cross_field_checks_fail_with_one_line(overrides, message):
         build(overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose(experiment):
+    assert isinstance(build([f"experiment={experiment}"]), TrainConfig)
+
+
+def test_experiment_preset_sets_its_keys_and_the_command_line_still_wins():
+    cfg = build(["experiment=crosscoder_pre_post_grok", "sae.k=16"])
+    assert cfg.host_model.checkpoints == ["pre_grok", "post_grok"] and cfg.task.train_fraction == 0.3
+    assert cfg.sae.k == 16 and cfg.sae.sparse_dim == 1024
