@@ -6,8 +6,10 @@ extend them (Hydra's "structured configs" pattern: schema in a separate group, o
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -21,15 +23,21 @@ from sae.tracking.wandb_tracker import TrackingConfig
 
 
 @dataclass
-class TrainConfig:
-    """scripts/train.py: an SAE or crosscoder on a host model's activations."""
+class HostTrainConfig:
+    """scripts/train_host.py: train a grokking host model. The groups every run has."""
 
     task: ModularTaskConfig = field(default_factory=ModularTaskConfig)
     host_model: HostModelConfig = field(default_factory=HostModelConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class TrainConfig(HostTrainConfig):
+    """scripts/train.py: an SAE or crosscoder on a host model's activations."""
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lr: float = 1e-3
     batch_size: int = 1024
     num_steps: int = 2000
@@ -52,16 +60,6 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0 or null, got {self.checkpoint_every}")
-
-
-@dataclass
-class HostTrainConfig:
-    """scripts/train_host.py: train a grokking host model."""
-
-    task: ModularTaskConfig = field(default_factory=ModularTaskConfig)
-    host_model: HostModelConfig = field(default_factory=HostModelConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 class ConfigError(UserInputError):
@@ -106,6 +104,17 @@ def to_dataclass(cfg: DictConfig) -> Any:
         return OmegaConf.to_object(cfg)
     except Exception as error:
         raise ConfigError(_innermost_message(error)) from error
+
+
+def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
+    """The scripts' body: typed config, then `job(config, hydra_output_dir)`; a user error becomes
+    one line on stderr and exit status 1, never a traceback."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return job(to_dataclass(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except UserInputError as error:
+        sys.exit(f"Error: {error}")
 
 
 def _innermost_message(error: BaseException) -> str:
