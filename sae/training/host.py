@@ -42,6 +42,10 @@ class HostRecipe:
     eval_every: int = 10
     steps_after_grok: int | None = 100  # stop this many steps after grokking; null = all num_steps
     seed: int = 0
+    # Grokfast (Lee et al. 2024): add grokfast_lambda x an EMA (decay grokfast_alpha) of past
+    # gradients to each gradient, amplifying the slow component that drives generalisation.
+    grokfast_alpha: float | None = None
+    grokfast_lambda: float = 2.0
 
     def __post_init__(self) -> None:
         if self.num_steps <= 0:
@@ -52,6 +56,8 @@ class HostRecipe:
             )
         if self.eval_every <= 0:
             raise ValueError(f"host_model.train.eval_every must be > 0, got {self.eval_every}")
+        if self.grokfast_alpha is not None and not 0.0 < self.grokfast_alpha < 1.0:
+            raise ValueError(f"host_model.train.grokfast_alpha must be in (0, 1) or null, got {self.grokfast_alpha}")
 
 
 def log_spaced_steps(num_steps: int) -> set[int]:
@@ -89,6 +95,19 @@ def lr_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+@torch.no_grad()
+def amplify_slow_gradients(model: torch.nn.Module, ema: dict[str, torch.Tensor], alpha: float, lam: float) -> None:
+    """Grokfast-EMA: ema <- alpha * ema + (1 - alpha) * grad; grad <- grad + lam * ema."""
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        if name not in ema:
+            ema[name] = param.grad.clone()
+        else:
+            ema[name].mul_(alpha).add_(param.grad, alpha=1 - alpha)
+        param.grad.add_(ema[name], alpha=lam)
+
+
 def save_host_checkpoint(model: GrokTransformer, path: Path) -> None:
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -111,12 +130,13 @@ def run_host_training(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.warmup_steps))
     save_at = log_spaced_steps(recipe.num_steps)
+    slow_gradients: dict[str, torch.Tensor] = {}
     history, checkpoints = [], []
     memorisation_step = grokking_step = None
     last_step = recipe.num_steps
     started = time.time()
     for step in range(recipe.num_steps + 1):
-        is_eval = step % recipe.eval_every == 0 or step == recipe.num_steps
+        is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps
         if is_eval:
             model.eval()
             metrics = evaluate_host(model, data)
@@ -142,6 +162,8 @@ def run_host_training(
         loss = F.cross_entropy(model(train_tokens), train_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.grokfast_alpha is not None:
+            amplify_slow_gradients(model, slow_gradients, recipe.grokfast_alpha, recipe.grokfast_lambda)
         optimizer.step()
         scheduler.step()
     summary = {

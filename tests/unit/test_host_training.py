@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+
+from sae.tasks.modular import ModularTaskConfig, Operation
+from sae.training.host import HostRecipe, amplify_slow_gradients, run_host_training
+from sae.tracking.base import NullTracker
+
+
+def test_grokfast_ema_matches_hand_computation():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema: dict = {}
+    grads = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    amplified = []
+    for grad in grads:
+        model.weight.grad = grad.clone()
+        amplify_slow_gradients(model, ema, alpha=0.9, lam=2.0)
+        amplified.append(model.weight.grad.clone())
+    assert torch.allclose(amplified[0], torch.tensor([[3.0, 0.0]]))  # ema starts at the first gradient
+    ema_2 = 0.9 * torch.tensor([[1.0, 0.0]]) + 0.1 * torch.tensor([[0.0, 2.0]])
+    assert torch.allclose(amplified[1], grads[1] + 2.0 * ema_2)
+
+
+def test_host_run_records_checkpoints_with_accuracies(tmp_path):
+    task = ModularTaskConfig(name="addition", operations=[Operation.addition], p=13, train_fraction=0.6)
+    recipe = HostRecipe(num_steps=30, eval_every=5, steps_after_grok=None)
+    summary = run_host_training(task, dict(n_layers=1, d_model=16, n_heads=2, kv_heads=2, d_mlp=32), recipe,
+                                tmp_path, NullTracker(), quiet=True)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    steps = [c["step"] for c in saved["checkpoints"]]
+    assert steps[:5] == [0, 1, 2, 5, 10] and steps[-1] == 30
+    assert all((tmp_path / c["file"]).is_file() for c in saved["checkpoints"])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 1, 2, 5, 10, 15, 20, 25, 30]
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(num_steps=0), "host_model.train.num_steps must be > 0"),
+    (dict(num_steps=10, warmup_steps=10), r"host_model.train.warmup_steps must be in \[0, num_steps=10\)"),
+    (dict(grokfast_alpha=1.5), r"host_model.train.grokfast_alpha must be in \(0, 1\)"),
+])
+def test_bad_recipe_is_refused(keys, message):
+    with pytest.raises(ValueError, match=message):
+        HostRecipe(**keys)
