@@ -13,6 +13,7 @@ from sae.saes import SAE_TYPES
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["task", "host_model", "sae", "scheduler", "hardware", "tracking"]
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in GROUPS}
+DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "slurm_gpu": "cuda", "slurm_cpu": "cpu", "submitit_local": "cpu"}
 register_configs()
 
 
@@ -29,6 +30,7 @@ def build(overrides: list[str], config_name: str = "config"):
 
 def test_every_group_has_options():
     assert all(OPTIONS[group] for group in GROUPS)
+    assert set(OPTIONS["hardware"]) == set(DEVICE_OF)
     assert set(OPTIONS["task"]) == {"addition", "subtraction", "multiplication", "division", "conditional", "mixed"}
     assert set(OPTIONS["sae"]) == set(SAE_TYPES)
 
@@ -55,7 +57,7 @@ def test_every_option_composes_with_every_other(choice):
     cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)])
     assert isinstance(cfg, TrainConfig)
     assert cfg.task.name == choice[0] and cfg.sae.type == choice[2]
-    assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == choice[4]
+    assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == DEVICE_OF[choice[4]]
     assert cfg.tracking.mode.value == choice[5]
 
 
@@ -124,3 +126,19 @@ def test_experiment_preset_sets_its_keys_and_the_command_line_still_wins():
     cfg = build(["experiment=crosscoder_pre_post_grok", "sae.k=16"])
     assert cfg.host_model.checkpoints == ["pre_grok", "post_grok"] and cfg.task.train_fraction == 0.3
     assert cfg.sae.k == 16 and cfg.sae.sparse_dim == 1024
+
+
+@pytest.mark.parametrize("preset, launcher", [("slurm_gpu", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"),
+                                              ("submitit_local", "LocalLauncher")])
+def test_hardware_presets_own_the_launcher(preset, launcher, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("SLURM_PARTITION", "gpu-a100")
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    cfg = compose(config_name="config", overrides=[f"hardware={preset}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(launcher)
+    if launcher == "SlurmLauncher":
+        assert cfg.hydra.launcher.partition == "gpu-a100" and cfg.hydra.launcher.account is None
+        assert cfg.hydra.launcher.max_num_timeout > 0  # submitit requeues only then
+    plain = compose(config_name="config", return_hydra_config=True)
+    assert "submitit" not in OmegaConf.select(plain, "hydra.launcher._target_")  # plain runs keep the basic launcher
