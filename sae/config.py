@@ -6,7 +6,10 @@ extend them (Hydra's "structured configs" pattern: schema in a separate group, o
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
+import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +22,7 @@ from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
 from sae.training.hardware import HardwareConfig
 from sae.training.schedules import SchedulerConfig
+from sae.training.checkpoint import write_json
 from sae.tracking.wandb_tracker import TrackingConfig
 
 
@@ -60,6 +64,23 @@ class TrainConfig(HostTrainConfig):
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0 or null, got {self.checkpoint_every}")
+
+
+SUBDIR_MAX_CHARS = 120
+
+
+def sweep_subdir(job_num: int, override_dirname: str) -> str:
+    """`<num>_<overrides>` for a sweep job's dir: readable, and unique and short enough for the
+    filesystem even when a sweep passes many fixed overrides (then cut and suffixed with a hash)."""
+    name = override_dirname.replace("/", "%2F") or "defaults"
+    if len(name) > SUBDIR_MAX_CHARS:
+        name = f"{name[:SUBDIR_MAX_CHARS]}..{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{int(job_num):03d}_{name}"
+
+
+# Registered at import: a SLURM job unpickles the task function, imports this module, and only
+# then resolves hydra.sweep.subdir.
+OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 
 
 class ConfigError(UserInputError):
@@ -107,14 +128,36 @@ def to_dataclass(cfg: DictConfig) -> Any:
 
 
 def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
-    """The scripts' body: typed config, then `job(config, hydra_output_dir)`; a user error becomes
-    one line on stderr and exit status 1, never a traceback."""
-    from hydra.core.hydra_config import HydraConfig
+    """The scripts' body: typed config, then `job(config, hydra_output_dir)`.
 
+    A user error becomes one line on stderr and exit status 1, never a traceback. The job's
+    status goes to job.json (for scripts/summarize.py), and the jobs of one --multirun share
+    one W&B group (the sweep dir) unless tracking.group is set.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return job(to_dataclass(cfg), Path(HydraConfig.get().runtime.output_dir))
+        typed = to_dataclass(cfg)
     except UserInputError as error:
         sys.exit(f"Error: {error}")
+    if hydra_cfg.mode == RunMode.MULTIRUN and typed.tracking.group is None:
+        typed.tracking.group = hydra_cfg.sweep.dir.replace("/", "_")
+    record = {"status": "running", "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(output_dir / "job.json", record)
+    try:
+        result = job(typed, output_dir)
+    except UserInputError as error:
+        write_json(output_dir / "job.json", {**record, "status": "failed", "error": str(error)})
+        sys.exit(f"Error: {error}")
+    except BaseException as error:
+        write_json(output_dir / "job.json", {**record, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
+    write_json(output_dir / "job.json", {**record, "status": "completed"})
+    return result
 
 
 def _innermost_message(error: BaseException) -> str:

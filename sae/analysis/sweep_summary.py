@@ -1,0 +1,150 @@
+"""Summarise a sweep dir: one row per job (its overrides and final metrics), failed jobs with the
+tail of their logs, and the FVU-vs-L0 frontier per SAE type.
+
+A job dir is any subdir holding `.hydra/overrides.yaml` (Hydra writes it when the job starts).
+Its status: `completed` (final_metrics.json), `failed` (job.json says so, with the error), or
+`incomplete` (started, never finished: killed, cancelled, or still running).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sae.training.checkpoint import atomic_file
+
+METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class JobResult:
+    name: str
+    overrides: list[str]
+    status: str
+    sae_type: str | None
+    metrics: dict = field(default_factory=dict)
+    log_tail: str = ""
+    slurm_job_id: str | None = None
+
+
+def find_job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml"))
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
+    import yaml
+
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    info = json.loads((job_dir / "job.json").read_text()) if (job_dir / "job.json").is_file() else {}
+    config = json.loads((job_dir / "config.json").read_text()) if (job_dir / "config.json").is_file() else {}
+    final = job_dir / "final_metrics.json"
+    metrics = json.loads(final.read_text()) if final.is_file() else {}
+    status = "completed" if metrics else info.get("status", "incomplete")
+    if status == "running":
+        status = "incomplete"
+    result = JobResult(str(job_dir.relative_to(sweep_dir)), overrides, status,
+                       config.get("sae", {}).get("type"), metrics, slurm_job_id=info.get("slurm_job_id"))
+    if status != "completed":
+        result.log_tail = info.get("error", "") + "\n" + log_tail(job_dir, sweep_dir, result.slurm_job_id)
+    return result
+
+
+def log_tail(job_dir: Path, sweep_dir: Path, slurm_job_id: str | None) -> str:
+    """The job's submitit log (SLURM or local launcher) if known, else Hydra's job log."""
+    candidates = []
+    if slurm_job_id:
+        candidates += sorted(Path(sweep_dir).glob(f".submitit/{slurm_job_id}/*_log.err"))
+        candidates += sorted(Path(sweep_dir).glob(f".submitit/{slurm_job_id}/*_log.out"))
+    candidates += sorted(job_dir.glob("*.log"))
+    for path in candidates:
+        lines = path.read_text(errors="replace").splitlines()
+        if lines:
+            return f"[{path.relative_to(sweep_dir)}]\n" + "\n".join(lines[-LOG_TAIL_LINES:])
+    return "(no log found)"
+
+
+def summarise(sweep_dir: Path) -> list[JobResult]:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory: pass a sweep dir such as outputs/sweeps/<date>/<time>")
+    jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no job dirs (no */.hydra/overrides.yaml): is it a --multirun sweep dir?")
+    return jobs
+
+
+def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
+    sweep_dir = Path(sweep_dir)
+    paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md", "frontier": sweep_dir / "frontier.png"}
+    swept = varying_keys(jobs)
+    header = ["job", "status", "sae_type", *swept, *METRIC_COLUMNS]
+    rows = [[j.name.split("_", 1)[0], j.status, j.sae_type or "", *[override_value(j, k) for k in swept],
+             *[j.metrics.get(c, "") for c in METRIC_COLUMNS]] for j in jobs]
+    with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    failed = [j for j in jobs if j.status != "completed"]
+    if failed:
+        lines += ["", f"## {len(failed)} job(s) did not complete", ""]
+        for job in failed:
+            lines += [f"### {job.name} ({job.status}, SLURM job {job.slurm_job_id or '?'})", "```", job.log_tail.strip(), "```"]
+    with atomic_file(paths["markdown"]) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    plot_frontier(jobs, paths["frontier"])
+    return paths
+
+
+def override_value(job: JobResult, key: str) -> str:
+    for item in job.overrides:
+        name, _, value = item.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return ""
+
+
+def varying_keys(jobs: list[JobResult]) -> list[str]:
+    """The override keys whose value differs between jobs: what the sweep swept."""
+    keys = sorted({item.partition("=")[0].lstrip("+~") for job in jobs for item in job.overrides})
+    return [k for k in keys if len({override_value(job, k) for job in jobs}) > 1]
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both L0 (lower) and FVU (lower), sorted by L0."""
+    front, best_fvu = [], float("inf")
+    for l0, fvu in sorted(points):
+        if fvu < best_fvu:
+            front.append((l0, fvu))
+            best_fvu = fvu
+    return front
+
+
+def plot_frontier(jobs: list[JobResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    types = sorted({j.sae_type for j in jobs if j.status == "completed" and j.sae_type})
+    for sae_type in types:
+        points = [(j.metrics["eval/test/l0"], j.metrics["eval/test/fvu"]) for j in jobs
+                  if j.status == "completed" and j.sae_type == sae_type]
+        ax.scatter(*zip(*points), label=sae_type, alpha=0.7)
+        ax.plot(*zip(*pareto_front(points)), linestyle="--")
+    ax.set_xlabel("L0 (test pairs)")
+    ax.set_ylabel("FVU (test pairs)")
+    ax.set_yscale("log")
+    ax.set_title("FVU vs L0 per SAE type (dashed: Pareto frontier)")
+    if types:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
