@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-all clean-venv
+.PHONY: train train-host test test-slurm test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,17 @@ train-host: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
-# Everything, slow suites included (what CI runs through .ci/run).
+# Real sweeps on the local one-node SLURM cluster (start it first: make slurm-up, as root).
+test-slurm: $(VENV)/.installed
+	$(PY) -m pytest -q -m slurm -rs $(PYTEST_ARGS)
+
+slurm-up:
+	bash scripts/slurm/cluster.sh start
+
+slurm-down:
+	bash scripts/slurm/cluster.sh stop
+
+# Everything, slow suites included.
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

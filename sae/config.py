@@ -145,7 +145,7 @@ def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
         sys.exit(f"Error: {error}")
     if hydra_cfg.mode == RunMode.MULTIRUN and typed.tracking.group is None:
         typed.tracking.group = hydra_cfg.sweep.dir.replace("/", "_")
-    record = {"status": "running", "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
+    record = {"status": "running", "slurm_job_id": slurm_job_id(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(output_dir / "job.json", record)
     try:
@@ -158,6 +158,13 @@ def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
         raise
     write_json(output_dir / "job.json", {**record, "status": "completed"})
     return result
+
+
+def slurm_job_id() -> str | None:
+    """`<array>_<task>` for an array task (submitit submits sweeps as arrays; that is the name of
+    its .submitit folder and what sacct/scontrol take), the plain job id otherwise."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def _innermost_message(error: BaseException) -> str:

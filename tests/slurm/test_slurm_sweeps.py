@@ -1,0 +1,117 @@
+"""Real sweeps on the local SLURM cluster (scripts/slurm/cluster.sh start). Skipped without one."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["task.p=23", "task.train_fraction=0.6", "host_model.d_model=32", "host_model.n_heads=2", "host_model.kv_heads=2",
+        "host_model.d_mlp=64", "host_model.train.num_steps=60", "host_model.train.steps_after_grok=null",
+        "batch_size=64", "scheduler.warmup_steps=5", "tracking=disabled"]
+
+
+def cluster_is_up() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("sacct") is None:
+        return False
+    try:
+        up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        accounting = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return up.returncode == 0 and any(s in up.stdout for s in ("idle", "mixed", "alloc")) and accounting.returncode == 0
+
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(not cluster_is_up(), reason="no SLURM cluster with accounting (scripts/slurm/cluster.sh start)")]
+
+
+def sweep(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--multirun", "hardware=slurm_cpu", *TINY, *overrides,
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def job_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in (tmp_path / "sweep").glob("*/.hydra/overrides.yaml"))
+
+
+def summarize(tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path / "sweep")],
+                          capture_output=True, text=True, timeout=120)
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_sweep_of_four_jobs_on_slurm(tmp_path):
+    process = sweep(tmp_path, "num_steps=30", "eval_every=15", "sae=vanilla,topk", "sae.sparse_dim=32,64")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    jobs = job_dirs(tmp_path)
+    assert len(jobs) == 4
+    for job in jobs:
+        metrics = json.loads((job / "final_metrics.json").read_text())
+        assert metrics["step"] == 30 and 0 <= metrics["eval/test/fvu"] < 1
+        info = json.loads((job / "job.json").read_text())
+        assert info["status"] == "completed" and sacct_state(info["slurm_job_id"]) == "COMPLETED"
+    result = summarize(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4/4 jobs completed" in result.stdout
+    assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 0
+    csv_rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and "sae" in csv_rows[0] and "sae.sparse_dim" in csv_rows[0]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    """Two jobs differ only in log_every (which does not change the weights); one is requeued
+    mid-run as a preemption would, resumes from its checkpoint, and ends with the same weights."""
+    process = sweep(tmp_path, "num_steps=2000", "checkpoint_every=100", "eval_every=2000", "log_every=50,60",
+                    "sae.sparse_dim=64", "sae.k=8")
+    try:
+        first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
+        wait_for(lambda: list((first / "checkpoints").glob("step_*")), 300, "a checkpoint of the first job")
+        job_id = json.loads((first / "job.json").read_text())["slurm_job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        output, _ = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob(f"{job_id}*/*_log.out"))
+    assert "Resuming from" in logs
+    jobs = job_dirs(tmp_path)
+    finals = [load_file(str(job / "checkpoints" / "step_0002000" / "sae.safetensors")) for job in jobs]
+    assert all(t.equal(finals[1][k]) for k, t in finals[0].items())
+
+
+def test_a_cancelled_job_is_reported_and_does_not_hang_the_sweep(tmp_path):
+    process = sweep(tmp_path, "num_steps=3000", "checkpoint_every=100", "eval_every=3000", "sae.sparse_dim=32,64")
+    try:
+        first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
+        wait_for(lambda: (first / "job.json").is_file(), 120, "job.json")
+        job_id = json.loads((first / "job.json").read_text())["slurm_job_id"]
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        output, _ = process.communicate(timeout=900)  # returns: the sweep is not left waiting forever
+    finally:
+        process.kill()
+    assert process.returncode != 0 and "CANCELLED" in output.upper()
+    result = summarize(tmp_path)
+    assert result.returncode == 1
+    assert "1/2 jobs completed" in result.stdout and "did not complete" in result.stdout
