@@ -83,3 +83,14 @@ def test_online_tracking_without_credentials_is_refused_before_work(tmp_path):
     assert result.returncode != 0
     assert "tracking.mode=online needs W&B credentials" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_slurm_preset_without_sbatch_fails_at_submission_with_a_hint(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch on this PATH
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--multirun", "hardware=slurm_gpu",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: hardware=slurm_*: `sbatch` not found on PATH")
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no job ran

@@ -1,5 +1,6 @@
 """Real sweeps on the local SLURM cluster (scripts/slurm/cluster.sh start). Skipped without one."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -115,3 +116,14 @@ def test_a_cancelled_job_is_reported_and_does_not_hang_the_sweep(tmp_path):
     result = summarize(tmp_path)
     assert result.returncode == 1
     assert "1/2 jobs completed" in result.stdout and "did not complete" in result.stdout
+
+
+def test_a_partition_slurm_rejects_fails_before_submission(tmp_path):
+    env = {**os.environ, "SLURM_PARTITION": "no-such-partition"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--multirun", "hardware=slurm_cpu",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "SLURM rejects partition 'no-such-partition'" in last and "sinfo -s" in last
+    assert not (tmp_path / "sweep" / ".submitit").exists()
