@@ -32,7 +32,7 @@ def test_every_group_has_options():
     assert all(OPTIONS[group] for group in GROUPS)
     assert set(OPTIONS["hardware"]) == set(DEVICE_OF)
     assert set(OPTIONS["task"]) == {"addition", "subtraction", "multiplication", "division", "conditional", "mixed"}
-    assert set(OPTIONS["sae"]) == set(SAE_TYPES)
+    assert {build([f"sae={option}"]).sae.type for option in OPTIONS["sae"]} == set(SAE_TYPES)
 
 
 def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
@@ -56,7 +56,7 @@ def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
 def test_every_option_composes_with_every_other(choice):
     cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.task.name == choice[0] and cfg.sae.type == choice[2]
+    assert cfg.task.name == choice[0] and choice[2].startswith(cfg.sae.type)
     assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == DEVICE_OF[choice[4]]
     assert cfg.tracking.mode.value == choice[5]
 
@@ -142,3 +142,16 @@ def test_hardware_presets_own_the_launcher(preset, launcher, monkeypatch):
         assert cfg.hydra.launcher.max_num_timeout > 0  # submitit requeues only then
     plain = compose(config_name="config", return_hydra_config=True)
     assert "submitit" not in OmegaConf.select(plain, "hydra.launcher._target_")  # plain runs keep the basic launcher
+
+
+@pytest.mark.parametrize("experiment, swept", [
+    ("sweep_sparse_dim", {"sae.sparse_dim": "1024,2048,4096"}), ("sweep_sae_type", {"sae": "vanilla,topk_k50"}),
+    ("sweep_lr", {"lr": "1e-2,1e-3,1e-4"}), ("sweep_crosscoder_grok", {"sae": "vanilla,topk", "sae.sparse_dim": "512,1024"}),
+])
+def test_sweep_presets_carry_their_sweep(experiment, swept):
+    cfg = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == swept
+
+
+def test_topk_k50_variant():
+    assert build(["sae=topk_k50"]).sae.k == 50
