@@ -51,7 +51,7 @@ class WandbTracker:
                 id=resume_id, resume="allow" if resume_id else None,
             )
         except Exception as error:  # wandb raises several types (CommError, UsageError, ...)
-            raise RuntimeError(f"W&B init failed (tracking.mode={cfg.mode.value}): {error}. "
+            raise UserInputError(f"W&B init failed (tracking.mode={cfg.mode.value}): {error}. "
                                "Use tracking=offline to train without a connection.") from error
 
     @property

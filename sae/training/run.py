@@ -55,6 +55,10 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
         check_resumable(previous, cfg)
     apply_threads(cfg.hardware)
     device = cfg.hardware.device.value
+    state = load_train_state(previous, device) if previous is not None else None
+    if state is not None:
+        truncate_jsonl(run_dir / "metrics.jsonl", state["step"])
+    tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
     data = load_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device)
     n_rows, n_sources, d_in = data.train.shape
 
@@ -65,18 +69,15 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     batch_generator = torch.Generator().manual_seed(cfg.seed)
     tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     step, flops = 0, 0
-    if previous is not None:
-        state = load_train_state(previous, device)
+    if state is not None:
         sae.load_state_dict(state["sae"])
         optimizer.load_state_dict(state["optimizer"])
         batch_generator.set_state(state["batch_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         tokens_since_fired.copy_(state["tokens_since_fired"])
         step, flops = state["step"], state["flops"]
-        truncate_jsonl(run_dir / "metrics.jsonl", step)
         print(f"Resuming from {previous} (step {step}/{cfg.num_steps})", flush=True)
     forward = torch.compile(sae) if cfg.hardware.compile else sae
-    tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
     any_dead = bool((tokens_since_fired > cfg.sae.dead_window).any())
