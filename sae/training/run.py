@@ -19,6 +19,7 @@ from sae.host_models.runs import check_host_inputs
 from sae.training.activations import ActivationData, load_activation_data
 from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
 from sae.training.hardware import apply_threads, autocast, check_hardware
+from sae.training.signals import deferred_stop_signals
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
 
 # Keys a resumed run may change: they do not alter the trained weights.
@@ -93,45 +94,50 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
 
     progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
     started = time.time()
-    while step < cfg.num_steps:
-        # -- one optimisation step (no host syncs here) --
-        lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
-        rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
-        x = data.train[rows]
-        dead_mask = tokens_since_fired > cfg.sae.dead_window
-        with autocast(cfg.hardware):
-            # any_dead is refreshed at log intervals (a host sync); until then AuxK may run with no
-            # dead latent (it then contributes exactly 0) or skip for < log_every steps.
-            out = forward(x, dead_mask if any_dead else None)
-        loss = out.mse + coef * out.sparsity + out.aux
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.before_optimizer_step()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-        sae.after_optimizer_step()
-        fired = (out.latents > 0).any(dim=0)
-        tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
-        step, flops = step + 1, flops + step_flops
-        progress.update(1)
+    with deferred_stop_signals() as pending:
+        while step < cfg.num_steps:
+            # -- one optimisation step (no host syncs here) --
+            lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
+            rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
+            x = data.train[rows]
+            dead_mask = tokens_since_fired > cfg.sae.dead_window
+            with autocast(cfg.hardware):
+                # any_dead is refreshed at log intervals (a host sync); until then AuxK may run with no
+                # dead latent (it then contributes exactly 0) or skip for < log_every steps.
+                out = forward(x, dead_mask if any_dead else None)
+            loss = out.mse + coef * out.sparsity + out.aux
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.before_optimizer_step()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            sae.after_optimizer_step()
+            fired = (out.latents > 0).any(dim=0)
+            tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+            step, flops = step + 1, flops + step_flops
+            progress.update(1)
 
-        # -- logging, eval and checkpoints at their intervals --
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-            metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
-            any_dead = metrics["train/dead_frac"] > 0
-            tracker.log(metrics, step)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
-                                 l0=f"{metrics['train/l0']:.1f}")
-        if step % cfg.eval_every == 0 or step == cfg.num_steps:
-            tracker.log(evaluate(sae, data), step)
-        on_schedule = crosses_flop_boundary(flops - step_flops, flops)
-        periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-        if on_schedule or periodic or step == cfg.num_steps:
-            save(step)
+            # -- logging, eval and checkpoints at their intervals --
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
+                any_dead = metrics["train/dead_frac"] > 0
+                tracker.log(metrics, step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
+                                     l0=f"{metrics['train/l0']:.1f}")
+            if step % cfg.eval_every == 0 or step == cfg.num_steps:
+                tracker.log(evaluate(sae, data), step)
+            on_schedule = crosses_flop_boundary(flops - step_flops, flops)
+            periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+            if on_schedule or periodic or step == cfg.num_steps or pending:
+                save(step)
+            if pending:  # SLURM's time-limit / preemption warning: checkpoint saved, now let submitit requeue
+                print(f"Stop signal at step {step}: checkpoint saved, handing over to the scheduler", flush=True)
+                tracker.finish()
+                pending.deliver()
     progress.close()
 
     final = evaluate(sae, data)

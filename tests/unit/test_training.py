@@ -113,3 +113,45 @@ def test_wandb_offline_writes_its_run_files(tmp_path, host_cache):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (tmp_path / "run" / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_stop_signal_saves_the_current_step_then_runs_the_original_handler(tmp_path, host_cache, monkeypatch):
+    """What submitit does on SLURM's time-limit warning (SIGUSR2): its handler requeues and exits.
+    The loop must first checkpoint the step it is at, so the requeued job loses nothing."""
+    import os
+    import signal
+
+    import sae.training.run as run_module
+
+    cfg = tiny_train_config(host_cache, num_steps=40, log_every=5, checkpoint_every=None)
+    run_training(cfg, tmp_path / "full")
+
+    handled = []
+
+    def submitit_like_handler(signum, frame):
+        handled.append(signum)
+        raise SystemExit(0)  # requeue + exit
+
+    original_metrics = run_module.train_metrics
+
+    def metrics_then_signal(*args):
+        metrics_then_signal.calls += 1
+        if metrics_then_signal.calls == 3:  # the signal arrives mid-way through step 15's bookkeeping
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original_metrics(*args)
+
+    metrics_then_signal.calls = 0
+    previous = signal.signal(signal.SIGUSR2, submitit_like_handler)
+    monkeypatch.setattr(run_module, "train_metrics", metrics_then_signal)
+    try:
+        with pytest.raises(SystemExit):
+            run_training(cfg, tmp_path / "job")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert handled == [signal.SIGUSR2]
+    assert latest_checkpoint(tmp_path / "job").name == "step_0000015"
+    assert signal.getsignal(signal.SIGUSR2) is previous  # handlers restored
+    monkeypatch.setattr(run_module, "train_metrics", original_metrics)
+    run_training(cfg, tmp_path / "job")  # the requeued job
+    full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "job")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
