@@ -153,6 +153,9 @@ def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
     except UserInputError as error:
         write_json(output_dir / "job.json", {**record, "status": "failed", "error": str(error)})
         sys.exit(f"Error: {error}")
+    except SystemExit as stop:  # submitit's requeue after a time-limit/preemption signal
+        write_json(output_dir / "job.json", {**record, "status": "requeued", "error": f"SystemExit: {stop.code}"})
+        raise
     except BaseException as error:
         write_json(output_dir / "job.json", {**record, "status": "failed", "error": f"{type(error).__name__}: {error}"})
         raise

@@ -127,3 +127,4 @@ def test_a_partition_slurm_rejects_fails_before_submission(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "SLURM rejects partition 'no-such-partition'" in last and "sinfo -s" in last
     assert not (tmp_path / "sweep" / ".submitit").exists()
+
