@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -69,10 +70,28 @@ class TrainConfig(HostTrainConfig):
 SUBDIR_MAX_CHARS = 120
 
 
-def sweep_subdir(job_num: int, override_dirname: str) -> str:
-    """`<num>_<overrides>` for a sweep job's dir: readable, and unique and short enough for the
-    filesystem even when a sweep passes many fixed overrides (then cut and suffixed with a hash)."""
-    name = override_dirname.replace("/", "%2F") or "defaults"
+SWEEP_SYNTAX = re.compile(r"^[^=]+=(.*,.*|(range|choice|glob|interval)\(.*)$")
+
+
+def swept_keys(sweep_dir: str) -> list[str]:
+    """Keys the sweep varies: command-line overrides with sweep syntax (`a,b`, `range(...)`,
+    ...) and `hydra.sweeper.params` of presets, read from the multirun.yaml Hydra writes first."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    saved = OmegaConf.load(path)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in saved.hydra.overrides.task
+            if SWEEP_SYNTAX.match(o) and not re.search(r"=\[.*\]$", o)]
+    params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
+    return keys + [k for k in params if k not in keys]
+
+
+def sweep_subdir(job_num: int, overrides: list[str], sweep_dir: str) -> str:
+    """`<num>_<swept key=value,...>` for a sweep job's dir: readable (only what the sweep varies),
+    unique (the job number), and short enough for the filesystem (cut and hashed when long)."""
+    swept = set(swept_keys(sweep_dir))
+    items = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or list(overrides)
+    name = ",".join(items).replace("/", "%2F") or "defaults"
     if len(name) > SUBDIR_MAX_CHARS:
         name = f"{name[:SUBDIR_MAX_CHARS]}..{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return f"{int(job_num):03d}_{name}"

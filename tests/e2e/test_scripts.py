@@ -94,3 +94,31 @@ def test_slurm_preset_without_sbatch_fails_at_submission_with_a_hint(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("Error: hardware=slurm_*: `sbatch` not found on PATH")
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no job ran
+
+
+@pytest.mark.parametrize("hardware", ["cpu", "submitit_local"])
+def test_local_multirun_without_slurm_and_its_summary(tmp_path, hardware):
+    """Plain --multirun (Hydra's basic launcher) and submitit's local launcher need no SLURM."""
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--multirun", f"hardware={hardware}", *TINY, "sae.sparse_dim=64",
+         "batch_size=64", "scheduler.warmup_steps=5", "num_steps=10", "eval_every=10", "sae=vanilla,topk", "hardware.threads=1", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(sweep_dir.glob("0*"))
+    assert [j.name for j in jobs] == ["000_sae=vanilla", "001_sae=topk"]  # named from the swept keys only
+    for job in jobs:
+        assert json.loads((job / "job.json").read_text())["status"] == "completed"
+        group = json.loads((job / "config.json").read_text())["tracking"]["group"]
+        assert group == str(sweep_dir).replace("/", "_")  # one W&B group per sweep
+    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep_dir)],
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "2/2 jobs completed" in summary.stdout
+    assert "| sae |" in summary.stdout.splitlines()[0].replace(" sae_type |", "")
+
+
+def test_summarize_refuses_a_dir_that_is_not_a_sweep(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "holds no job dirs" in result.stderr
