@@ -32,12 +32,12 @@ def replacing_hook(replacement: torch.Tensor, positions: TokenPositions) -> Call
 
 
 @torch.no_grad()
-def answer_metrics(model: GrokTransformer, tokens: torch.Tensor, labels: torch.Tensor,
-                   hook_name: str | None = None, replacement: torch.Tensor | None = None,
-                   positions: TokenPositions = TokenPositions.answer) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the answer, with `replacement` spliced in at `hook_name`."""
+def answer_losses(model: GrokTransformer, tokens: torch.Tensor, labels: torch.Tensor,
+                  hook_name: str | None = None, replacement: torch.Tensor | None = None,
+                  positions: TokenPositions = TokenPositions.answer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: (answer cross-entropy, correct) with `replacement` spliced in at `hook_name`."""
     rows_per_pair = tokens.shape[1] if positions is TokenPositions.all else 1
-    total_loss, total_correct = 0.0, 0.0
+    losses, correct = [], []
     for start in range(0, len(tokens), CHUNK):
         chunk = slice(start, start + CHUNK)
         hooks = {}
@@ -45,20 +45,30 @@ def answer_metrics(model: GrokTransformer, tokens: torch.Tensor, labels: torch.T
             rows = replacement[start * rows_per_pair:(start + CHUNK) * rows_per_pair]
             hooks[hook_name] = replacing_hook(rows, positions)
         logits = model(tokens[chunk], hooks).float()
-        total_loss += F.cross_entropy(logits, labels[chunk], reduction="sum").item()
-        total_correct += (logits.argmax(-1) == labels[chunk]).sum().item()
-    return total_loss / len(tokens), total_correct / len(tokens)
+        losses.append(F.cross_entropy(logits, labels[chunk], reduction="none"))
+        correct.append((logits.argmax(-1) == labels[chunk]).float())
+    return torch.cat(losses), torch.cat(correct)
 
 
 def spliced_metrics(model: GrokTransformer, tokens: torch.Tensor, labels: torch.Tensor, hook_name: str,
-                    x_hat: torch.Tensor, x: torch.Tensor, positions: TokenPositions) -> dict[str, float]:
-    """x_hat, x: [rows, d] for one source, in the host's raw units."""
-    ce_clean, acc_clean = answer_metrics(model, tokens, labels)
-    ce_spliced, acc_spliced = answer_metrics(model, tokens, labels, hook_name, x_hat, positions)
-    ce_zero, acc_zero = answer_metrics(model, tokens, labels, hook_name, torch.zeros_like(x), positions)
-    gap = ce_zero - ce_clean
-    return {
-        "ce_clean": ce_clean, "ce_spliced": ce_spliced, "ce_zero": ce_zero,
-        "acc_clean": acc_clean, "acc_spliced": acc_spliced, "acc_zero": acc_zero,
-        "loss_recovered": (ce_zero - ce_spliced) / gap if abs(gap) > 1e-9 else float("nan"),
+                    x_hat: torch.Tensor, x: torch.Tensor, positions: TokenPositions,
+                    groups: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """x_hat, x: [rows, d] for one source, in the host's raw units.
+
+    `groups` (name -> boolean mask over pairs, e.g. one per operation of a mixed task) adds
+    `acc_clean_<name>`, `acc_spliced_<name>`, `acc_zero_<name>`.
+    """
+    runs = {
+        "clean": answer_losses(model, tokens, labels),
+        "spliced": answer_losses(model, tokens, labels, hook_name, x_hat, positions),
+        "zero": answer_losses(model, tokens, labels, hook_name, torch.zeros_like(x), positions),
     }
+    metrics = {}
+    for run, (losses, correct) in runs.items():
+        metrics[f"ce_{run}"] = losses.mean().item()
+        metrics[f"acc_{run}"] = correct.mean().item()
+        for name, mask in (groups or {}).items():
+            metrics[f"acc_{run}_{name}"] = correct[mask].mean().item()
+    gap = metrics["ce_zero"] - metrics["ce_clean"]
+    metrics["loss_recovered"] = (metrics["ce_zero"] - metrics["ce_spliced"]) / gap if abs(gap) > 1e-9 else float("nan")
+    return metrics

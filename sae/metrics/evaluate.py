@@ -26,7 +26,8 @@ def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) -> dict[str, float]:
-    """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered}.
+    """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered};
+    a task with several operations adds eval/<split>/<source>/acc_{clean,spliced,zero}_<operation>.
 
     MSE is per element in the host's raw units; FVU does not depend on units.
     """
@@ -35,6 +36,10 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
     metrics: dict[str, float] = {}
     for split, x in (("train", data.train), ("test", data.test)):
         tokens, labels = data.dataset.train if split == "train" else data.dataset.test
+        in_split = data.dataset.is_train if split == "train" else ~data.dataset.is_train
+        op_ids = data.dataset.op_ids[in_split]
+        groups = ({op.value: op_ids == i for i, op in enumerate(data.dataset.operations)}
+                  if len(data.dataset.operations) > 1 else None)
         x_hat, row_l0, fire_counts = encode_decode(sae, x)
         prefix = f"eval/{split}"
         metrics[f"{prefix}/fvu"] = fvu_all_sources(x, x_hat).item()
@@ -47,7 +52,7 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
             metrics[f"{prefix}/{source.name}/mse"] = per_source_mse[s].item()
             if downstream:
                 spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
-                                          data.positions)
+                                          data.positions, groups)
                 metrics.update({f"{prefix}/{source.name}/{k}": v for k, v in spliced.items()})
     sae.train(was_training)
     return metrics

@@ -155,3 +155,27 @@ def test_stop_signal_saves_the_current_step_then_runs_the_original_handler(tmp_p
     run_training(cfg, tmp_path / "job")  # the requeued job
     full, resumed = final_weights(tmp_path / "full"), final_weights(tmp_path / "job")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_mixed_task_reports_spliced_accuracy_per_operation(host_cache):
+    """Per-operation accuracies average (weighted by pair counts) to the overall one, and the
+    clean one matches the host's own per-operation accuracy."""
+    from sae.metrics.evaluate import evaluate
+    from sae.saes import build_sae
+    from sae.tasks.modular import Operation
+    from sae.training.host import evaluate_host
+    from tests.conftest import tiny_task
+
+    task = tiny_task(name="mixed", operations=[Operation.addition, Operation.division])
+    cfg = tiny_train_config(host_cache, task=task)
+    data = load_activation_data(cfg.task, cfg.host_model, normalize=True, device="cpu")
+    torch.manual_seed(0)
+    sae_model = build_sae(cfg.sae, 1, data.train.shape[-1])
+    metrics = evaluate(sae_model, data)
+    test_ops = data.dataset.op_ids[~data.dataset.is_train]
+    for run in ("clean", "spliced", "zero"):
+        weighted = sum(metrics[f"eval/test/final.L0/acc_{run}_{op.value}"] * (test_ops == i).sum().item()
+                       for i, op in enumerate(task.operations)) / len(test_ops)
+        assert weighted == pytest.approx(metrics[f"eval/test/final.L0/acc_{run}"])
+    host = evaluate_host(data.sources[0].model, data.dataset)
+    assert metrics["eval/test/final.L0/acc_clean_division"] == pytest.approx(host["test/acc_division"])
