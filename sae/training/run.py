@@ -22,6 +22,11 @@ from sae.training.hardware import apply_threads, autocast, check_hardware
 from sae.training.signals import deferred_stop_signals
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
 
+# AuxK is skipped while no latent is dead; whether any is dead is read (a host sync) every this
+# many steps, on a cadence fixed by the step alone so that results do not depend on log_every
+# and a resumed run (which restores the flag) replays the same decisions.
+DEAD_CHECK_EVERY = 10
+
 # Keys a resumed run may change: they do not alter the trained weights.
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
 
@@ -81,13 +86,13 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     forward = torch.compile(sae) if cfg.hardware.compile else sae
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
-    any_dead = bool((tokens_since_fired > cfg.sae.dead_window).any())
+    any_dead = bool(state["any_dead"]) if state is not None else False
 
     def save(at_step: int) -> None:
         train_state = {
             "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "tokens_since_fired": tokens_since_fired,
+            "tokens_since_fired": tokens_since_fired, "any_dead": any_dead,
         }
         save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
                             config_dict(cfg), train_state)
@@ -105,9 +110,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             x = data.train[rows]
             dead_mask = tokens_since_fired > cfg.sae.dead_window
             with autocast(cfg.hardware):
-                # any_dead is refreshed at log intervals (a host sync); until then AuxK may run with no
-                # dead latent (it then contributes exactly 0) or skip for < log_every steps.
-                out = forward(x, dead_mask if any_dead else None)
+                out = forward(x, dead_mask if any_dead else None)  # AuxK adds exactly 0 with none dead
             loss = out.mse + coef * out.sparsity + out.aux
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,11 +123,12 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
             step, flops = step + 1, flops + step_flops
             progress.update(1)
+            if step % DEAD_CHECK_EVERY == 0:
+                any_dead = bool((tokens_since_fired > cfg.sae.dead_window).any())
 
             # -- logging, eval and checkpoints at their intervals --
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
-                any_dead = metrics["train/dead_frac"] > 0
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")

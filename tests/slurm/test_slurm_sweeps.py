@@ -84,11 +84,13 @@ def wait_for(predicate, timeout: float, what: str):
 def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     """Two jobs differ only in log_every (which does not change the weights); one is requeued
     mid-run as a preemption would, resumes from its checkpoint, and ends with the same weights."""
-    process = sweep(tmp_path, "num_steps=2000", "checkpoint_every=100", "eval_every=2000", "log_every=50,60",
+    # Long enough that the job is still training when SLURM kills it (KillWait is 5 s after the
+    # requeue's SIGTERM, which submitit ignores): 2000 steps could finish inside that window.
+    process = sweep(tmp_path, "num_steps=20000", "checkpoint_every=500", "eval_every=20000", "log_every=50,60",
                     "sae.sparse_dim=64", "sae.k=8")
     try:
         first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
-        wait_for(lambda: list((first / "checkpoints").glob("step_*")), 300, "a checkpoint of the first job")
+        wait_for(lambda: (first / "checkpoints" / "step_0000500").is_dir(), 300, "a periodic checkpoint of the first job")
         job_id = json.loads((first / "job.json").read_text())["slurm_job_id"]
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         output, _ = process.communicate(timeout=600)
@@ -98,7 +100,7 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob(f"{job_id}*/*_log.out"))
     assert "Resuming from" in logs
     jobs = job_dirs(tmp_path)
-    finals = [load_file(str(job / "checkpoints" / "step_0002000" / "sae.safetensors")) for job in jobs]
+    finals = [load_file(str(job / "checkpoints" / "step_0020000" / "sae.safetensors")) for job in jobs]
     assert all(t.equal(finals[1][k]) for k, t in finals[0].items())
 
 

@@ -179,3 +179,13 @@ def test_mixed_task_reports_spliced_accuracy_per_operation(host_cache):
         assert weighted == pytest.approx(metrics[f"eval/test/final.L0/acc_{run}"])
     host = evaluate_host(data.sources[0].model, data.dataset)
     assert metrics["eval/test/final.L0/acc_clean_division"] == pytest.approx(host["test/acc_division"])
+
+
+def test_logging_intervals_do_not_change_the_weights(tmp_path, host_cache):
+    """log_every/eval_every are resumable changes and sweepable without confounding: the trained
+    weights must not depend on them (AuxK active, so the dead-latent bookkeeping is exercised)."""
+    sae_cfg = TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128)
+    run_training(tiny_train_config(host_cache, sae=sae_cfg, num_steps=60, log_every=7, eval_every=13), tmp_path / "a")
+    run_training(tiny_train_config(host_cache, sae=sae_cfg, num_steps=60, log_every=10, eval_every=60), tmp_path / "b")
+    first, second = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
