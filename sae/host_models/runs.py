@@ -17,7 +17,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from sae.errors import UserInputError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from sae.metrics.downstream import spliced_metrics
-from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, l0, mse
+from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, mse
 from sae.saes.base import SparseCoder
 from sae.training.activations import ActivationData
 

@@ -1,9 +1,8 @@
-import itertools
 
 import pytest
 import torch
 
-from sae.tasks.modular import (OPERATIONS, ModularTaskConfig, Operation, answers, build_dataset, equals_token,
+from sae.tasks.modular import (OPERATIONS, ModularTaskConfig, Operation, build_dataset, equals_token,
                                modular_inverse, op_token)
 
 
