@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from sae.errors import UserInputError
-from sae.host_models.config import HostModelConfig
+from sae.host_models.config import ESM2HostConfig, HostModelConfig
 from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
+from sae.tasks.protein import ProteinTaskConfig
 from sae.training.hardware import HardwareConfig
 from sae.training.schedules import SchedulerConfig
 from sae.training.checkpoint import write_json
@@ -39,8 +40,15 @@ class HostTrainConfig:
 
 @dataclass
 class TrainConfig(HostTrainConfig):
-    """scripts/train.py: an SAE or crosscoder on a host model's activations."""
+    """scripts/train.py: an SAE or crosscoder on a host model's activations.
 
+    task and host_model hold one of several schemas (modular task + grokking transformer, or
+    protein_mlm + ESM-2); each YAML option brings its schema, so the fields are typed Any here
+    and the pairing is checked in __post_init__.
+    """
+
+    task: Any = MISSING
+    host_model: Any = MISSING
     sae: SAEConfig = field(default_factory=SAEConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lr: float = 1e-3
@@ -53,6 +61,7 @@ class TrainConfig(HostTrainConfig):
     checkpoint_every: Optional[int] = None  # extra resumable checkpoints (besides the FLOP schedule)
 
     def __post_init__(self) -> None:
+        check_task_host_pair(self.task, self.host_model)
         for key in ("batch_size", "num_steps", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -65,6 +74,16 @@ class TrainConfig(HostTrainConfig):
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0 or null, got {self.checkpoint_every}")
+
+
+TASK_HOSTS = ((ModularTaskConfig, HostModelConfig, "the grokking transformer (host_model=transformer)"),
+              (ProteinTaskConfig, ESM2HostConfig, "an ESM-2 model (host_model=esm2_t6_8M, esm2_t12_35M, ...)"))
+
+
+def check_task_host_pair(task: Any, host: Any) -> None:
+    for task_cls, host_cls, host_text in TASK_HOSTS:
+        if isinstance(task, task_cls) and not isinstance(host, host_cls):
+            raise ValueError(f"task={task.name} needs {host_text}, got host_model={host.name}")
 
 
 SUBDIR_MAX_CHARS = 120
@@ -113,7 +132,9 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="train_host_schema", node=HostTrainConfig)
     store.store(group="schema/task", name="modular", node=ModularTaskConfig)
+    store.store(group="schema/task", name="protein", node=ProteinTaskConfig)
     store.store(group="schema/host_model", name="transformer", node=HostModelConfig)
+    store.store(group="schema/host_model", name="esm2", node=ESM2HostConfig)
     for name, (config_cls, _) in SAE_TYPES.items():
         store.store(group="schema/sae", name=name, node=config_cls)
     store.store(group="schema/scheduler", name="base", node=SchedulerConfig)
@@ -140,6 +161,9 @@ def reject_unknown_keys(node: Any, path: str = "") -> None:
 def to_dataclass(cfg: DictConfig) -> Any:
     """Composed config -> typed dataclasses, or ConfigError with a one-line message."""
     reject_unknown_keys(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"Missing mandatory value: {missing[0]}; set it on the command line, e.g. {missing[0]}=...")
     try:
         return OmegaConf.to_object(cfg)
     except Exception as error:

@@ -48,3 +48,36 @@ def tiny_train_config(cache_dir: Path, sae=None, **overrides) -> TrainConfig:
 def host_cache(tmp_path_factory) -> Path:
     """A cache dir shared by the session, so the tiny host is trained once."""
     return tmp_path_factory.mktemp("hosts")
+
+
+DATA = ROOT / "tests" / "data"
+PROTEINS_FASTA = DATA / "proteins.fasta"
+TINY_ESM2 = dict(num_layers=3, embed_dim=32, attention_heads=4)
+
+
+def build_tiny_esm2(seed: int):
+    import esm
+
+    torch.manual_seed(seed)
+    return esm.model.esm2.ESM2(**TINY_ESM2, alphabet="ESM-1b", token_dropout=True).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_esm2_files(tmp_path_factory) -> list[Path]:
+    """Two tiny ESM-2s of one width, saved in the format fair-esm's local loader reads (the tests
+    load them through that real code path; no weights can be downloaded here)."""
+    from sae.host_models.esm2 import save_fair_esm_checkpoint
+
+    folder = tmp_path_factory.mktemp("esm2")
+    return [save_fair_esm_checkpoint(build_tiny_esm2(seed), folder / f"esm2_tiny_seed{seed}.pt") for seed in (0, 1)]
+
+
+def tiny_protein_config(tmp_path: Path, checkpoints: list[Path], layers=(2,), sae=None, **overrides) -> TrainConfig:
+    from sae.host_models.config import ESM2HostConfig
+    from sae.tasks.protein import ProteinTaskConfig
+
+    task = ProteinTaskConfig(fasta=str(PROTEINS_FASTA), max_length=200, tokens_per_batch=2048, test_fraction=0.2,
+                             max_train_tokens=4000, max_test_tokens=1500, eval_sequences=6,
+                             activation_cache=str(tmp_path / "cache"))
+    host = ESM2HostConfig(checkpoints=[str(c) for c in checkpoints], layers=list(layers))
+    return tiny_train_config(tmp_path, sae=sae, task=task, host_model=host, **overrides)

@@ -88,3 +88,41 @@ def check_checkpoint_selector(selector: str) -> None:
         f"host_model.checkpoints: invalid entry '{selector}', expected one of "
         f"[{', '.join(CHECKPOINT_SELECTORS)}] or a path to a host .safetensors checkpoint"
     )
+
+
+ESM2_LAYER_COUNT = re.compile(r"^esm2_t(\d+)_")
+
+
+@dataclass
+class ESM2HostConfig:
+    """`host_model=esm2_*`: an ESM-2 model from fair-esm; layer L is the residual after block L
+    (0 = embedding; see sae/host_models/esm2.py for the exact convention at 0 and at the last layer)."""
+
+    name: str = "esm2_t6_8M"
+    pretrained: str = "esm2_t6_8M_UR50D"  # fair-esm's name, loaded by its hub loader
+    # each entry: `pretrained` (the model above) or a local esm2*.pt file read with fair-esm's local
+    # loader; several entries of one width = a crosscoder across models
+    checkpoint: Optional[str] = None  # shorthand for checkpoints=[<checkpoint>]
+    checkpoints: list[str] = field(default_factory=lambda: ["pretrained"])
+    layers: list[int] = field(default_factory=lambda: [3])
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoints = [self.checkpoint]
+        if not self.checkpoints or not self.layers:
+            raise ValueError("host_model.checkpoints and host_model.layers must each name at least one entry")
+        if len(set(self.layers)) != len(self.layers) or len(set(self.checkpoints)) != len(self.checkpoints):
+            raise ValueError("host_model.layers and host_model.checkpoints must not repeat an entry")
+        for entry in self.checkpoints:
+            if entry != "pretrained" and not entry.endswith(".pt"):
+                raise ValueError(f"host_model.checkpoints: invalid entry '{entry}', expected 'pretrained' or a "
+                                 "path to a fair-esm esm2*.pt file")
+        found = ESM2_LAYER_COUNT.match(self.pretrained)
+        if found is None:
+            raise ValueError(f"host_model.pretrained: '{self.pretrained}' is not an ESM-2 name (esm2_t<layers>_...)")
+        if "pretrained" in self.checkpoints:
+            n_layers = int(found.group(1))
+            for layer in self.layers:
+                if not 0 <= layer <= n_layers:
+                    raise ValueError(f"host_model.layers: layer {layer} out of range [0, {n_layers}] "
+                                     f"for {self.pretrained}")

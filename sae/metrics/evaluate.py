@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from sae.metrics.downstream import spliced_metrics
 from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, mse
 from sae.saes.base import SparseCoder
 from sae.training.activations import ActivationData
@@ -28,6 +27,7 @@ def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torc
 def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) -> dict[str, float]:
     """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered};
     a task with several operations adds eval/<split>/<source>/acc_{clean,spliced,zero}_<operation>.
+    For protein tasks `data` is a ProteinActivationData and ce_* are masked-LM losses (no acc_*).
 
     MSE is per element in the host's raw units; FVU does not depend on units.
     """
@@ -35,11 +35,6 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
     sae.eval()
     metrics: dict[str, float] = {}
     for split, x in (("train", data.train), ("test", data.test)):
-        tokens, labels = data.dataset.train if split == "train" else data.dataset.test
-        in_split = data.dataset.is_train if split == "train" else ~data.dataset.is_train
-        op_ids = data.dataset.op_ids[in_split]
-        groups = ({op.value: op_ids == i for i, op in enumerate(data.dataset.operations)}
-                  if len(data.dataset.operations) > 1 else None)
         x_hat, row_l0, fire_counts = encode_decode(sae, x)
         prefix = f"eval/{split}"
         metrics[f"{prefix}/fvu"] = fvu_all_sources(x, x_hat).item()
@@ -50,23 +45,26 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
         for s, source in enumerate(data.sources):
             metrics[f"{prefix}/{source.name}/fvu"] = per_source_fvu[s].item()
             metrics[f"{prefix}/{source.name}/mse"] = per_source_mse[s].item()
-            if downstream:
-                spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
-                                          data.positions, groups)
-                metrics.update({f"{prefix}/{source.name}/{k}": v for k, v in spliced.items()})
+        if downstream:
+            spliced = data.downstream_metrics(sae, split, raw_x, raw_x_hat)
+            metrics.update({f"{prefix}/{k}": v for k, v in spliced.items()})
     sae.train(was_training)
     return metrics
 
 
-def headline(metrics: dict[str, float], source_names: list[str]) -> str:
+def headline(metrics: dict[str, float], source_names: list[str], row_unit: str = "pairs") -> str:
     """A few lines a person reads at the end of a run."""
     lines = []
     for split in ("train", "test"):
         p = f"eval/{split}"
-        lines.append(f"{split:5s} pairs: FVU {metrics[f'{p}/fvu']:.4f}  L0 {metrics[f'{p}/l0']:.1f}  "
+        lines.append(f"{split:5s} {row_unit}: FVU {metrics[f'{p}/fvu']:.4f}  L0 {metrics[f'{p}/l0']:.1f}  "
                      f"dead {metrics[f'{p}/dead_frac']:.1%}")
         for name in source_names:
             q = f"{p}/{name}"
+            if f"{q}/acc_spliced" not in metrics and f"{q}/ce_spliced" in metrics:  # masked-LM host
+                lines.append(f"  {name}: masked-LM CE clean {metrics[f'{q}/ce_clean']:.3f} -> spliced "
+                             f"{metrics[f'{q}/ce_spliced']:.3f} (zero-ablated {metrics[f'{q}/ce_zero']:.3f}); "
+                             f"loss recovered {metrics[f'{q}/loss_recovered']:.3f}")
             if f"{q}/acc_spliced" in metrics:
                 lines.append(f"  {name}: answer acc clean {metrics[f'{q}/acc_clean']:.3f} -> spliced "
                              f"{metrics[f'{q}/acc_spliced']:.3f} (zero-ablated {metrics[f'{q}/acc_zero']:.3f}); "

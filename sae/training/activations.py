@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sae.host_models.config import HostModelConfig, TokenPositions
-from sae.host_models.runs import HostRunError, ensure_host_run, load_host, resolve_checkpoint
+from sae.host_models.runs import HostRunError, check_host_inputs, ensure_host_run, load_host, resolve_checkpoint
 from sae.host_models.transformer import GrokTransformer, hook_name, hook_width
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset
 
@@ -39,10 +39,33 @@ class ActivationData:
     test: torch.Tensor
     scale: torch.Tensor
     host_run_dir: Path
+    row_unit = "pairs"  # what one row of train/test is, for printed summaries
 
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
+
+    def meta(self) -> dict:
+        """What a saved SAE records about its inputs."""
+        return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
+                            for s in self.sources],
+                "token_positions": self.positions.value, "host_run_dir": str(self.host_run_dir)}
+
+    def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
+        """Per source: the reconstruction spliced into the host, answer CE/accuracy (per operation too)."""
+        from sae.metrics.downstream import spliced_metrics
+
+        tokens, labels = self.dataset.train if split == "train" else self.dataset.test
+        in_split = self.dataset.is_train if split == "train" else ~self.dataset.is_train
+        op_ids = self.dataset.op_ids[in_split]
+        groups = ({op.value: op_ids == i for i, op in enumerate(self.dataset.operations)}
+                  if len(self.dataset.operations) > 1 else None)
+        metrics = {}
+        for s, source in enumerate(self.sources):
+            spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
+                                      self.positions, groups)
+            metrics.update({f"{source.name}/{k}": v for k, v in spliced.items()})
+        return metrics
 
 
 def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) -> tuple[list[Source], Path]:
@@ -96,3 +119,27 @@ def normalisation_scale(x: torch.Tensor) -> torch.Tensor:
     not per token, so relative norms between tokens are kept)."""
     mean_sq_norm = x.pow(2).sum(dim=-1).mean(dim=0)
     return (x.shape[-1] / mean_sq_norm.clamp_min(1e-12)).sqrt()
+
+
+def check_inputs(task, host, device: str = "cpu", host_dtype: torch.dtype = torch.float32) -> object:
+    """Every file, run dir and data set the config names exists and fits, before any work.
+    Returns what the check learnt that loading reuses (the FASTA scan for protein tasks)."""
+    from sae.tasks.protein import ProteinTaskConfig
+
+    if isinstance(task, ProteinTaskConfig):
+        from sae.training.protein_activations import check_protein_inputs
+
+        return check_protein_inputs(task, host, device, host_dtype)
+    check_host_inputs(task, host)
+    return None
+
+
+def load_any_activation_data(task, host, normalize: bool, device: str, host_dtype: torch.dtype, checked=None):
+    """ActivationData for a modular task, ProteinActivationData for a protein task."""
+    from sae.tasks.protein import ProteinTaskConfig
+
+    if isinstance(task, ProteinTaskConfig):
+        from sae.training.protein_activations import load_protein_activation_data
+
+        return load_protein_activation_data(task, host, normalize, device, host_dtype, checked)
+    return load_activation_data(task, host, normalize, device)

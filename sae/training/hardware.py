@@ -54,3 +54,9 @@ def autocast(cfg: HardwareConfig) -> contextlib.AbstractContextManager:
     if cfg.dtype is DType.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=cfg.device.value, dtype=getattr(torch, cfg.dtype.value))
+
+
+def host_dtype(cfg: HardwareConfig) -> torch.dtype:
+    """The dtype an ESM-2 host runs in: hardware.dtype, fixed before its first forward (fair-esm's
+    rotary cache keeps the dtype of the first forward). The grokking hosts always run in float32."""
+    return getattr(torch, cfg.dtype.value)

@@ -15,10 +15,9 @@ from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
 from sae.saes.base import SparseCoder
 from sae.tracking import check_tracking, make_tracker, truncate_jsonl
-from sae.host_models.runs import check_host_inputs
-from sae.training.activations import ActivationData, load_activation_data
+from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
 from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
-from sae.training.hardware import apply_threads, autocast, check_hardware
+from sae.training.hardware import apply_threads, autocast, check_hardware, host_dtype
 from sae.training.signals import deferred_stop_signals
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
 
@@ -55,7 +54,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     check_hardware(cfg.hardware)  # every check that can fail comes before any work
     check_tracking(cfg.tracking)
-    check_host_inputs(cfg.task, cfg.host_model)
+    checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
     previous = latest_checkpoint(run_dir)
     if previous is not None:
         check_resumable(previous, cfg)
@@ -65,7 +64,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     if state is not None:
         truncate_jsonl(run_dir / "metrics.jsonl", state["step"])
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
-    data = load_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device)
+    data = load_any_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device,
+                                    host_dtype(cfg.hardware), checked)
     n_rows, n_sources, d_in = data.train.shape
 
     torch.manual_seed(cfg.seed)
@@ -146,11 +146,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
 
     final = evaluate(sae, data)
     summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
-               "host_run_dir": str(data.host_run_dir), "sources": data.source_names}
+               "sources": data.source_names, **{k: v for k, v in data.meta().items() if k != "sources"}}
     write_json(run_dir / "final_metrics.json", summary)
     tracker.log(final, step)
     tracker.finish()
-    print(headline(final, data.source_names), flush=True)
+    print(headline(final, data.source_names, data.row_unit), flush=True)
     print(f"Run dir: {run_dir}", flush=True)
     return summary
 
@@ -179,7 +179,5 @@ def sae_meta(cfg: TrainConfig, data: ActivationData, step: int, flops: int) -> d
     return {
         "sae": json.loads(json.dumps(dataclasses.asdict(cfg.sae), default=str)),
         "n_sources": len(data.sources), "d_in": data.train.shape[-1], "step": step, "flops": flops,
-        "sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook} for s in data.sources],
-        "input_scale": data.scale.tolist(), "host_run_dir": str(data.host_run_dir),
-        "token_positions": data.positions.value,
+        "input_scale": data.scale.tolist(), **data.meta(),
     }

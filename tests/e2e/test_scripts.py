@@ -122,3 +122,40 @@ def test_summarize_refuses_a_dir_that_is_not_a_sweep(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "holds no job dirs" in result.stderr
+
+
+PROTEIN = ["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={ROOT / 'tests' / 'data' / 'proteins.fasta'}",
+           "host_model.layers=[2]", "task.max_length=200", "task.tokens_per_batch=2048", "task.test_fraction=0.2",
+           "task.max_train_tokens=3000", "task.max_test_tokens=1000", "task.eval_sequences=4",
+           "sae=topk", "sae.k=8", "sae.sparse_dim=64", "batch_size=64", "scheduler.warmup_steps=5",
+           "tracking=disabled", "hardware.threads=1"]
+
+
+def test_protein_sweep_builds_the_activation_cache_once(tmp_path, tiny_esm2_files):
+    """The issue's command on a tiny local ESM-2 (fair-esm's local loader), as a two-job sweep."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_script("train.py", "--multirun", *PROTEIN, f"host_model.checkpoints=[{tiny_esm2_files[0]}]",
+                        "num_steps=20", "eval_every=20", "sae.sparse_dim=32,64", f"hydra.sweep.dir={sweep_dir}",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Activation cache written") == 1 and "Reusing activation cache" in result.stdout
+    assert "masked-LM CE clean" in result.stdout
+    for job in sorted(sweep_dir.glob("0*")):
+        summary = json.loads((job / "final_metrics.json").read_text())
+        assert summary["eval/test/l0"] <= 8 and "eval/test/esm2_tiny_seed0.L2/loss_recovered" in summary
+    assert len(list((tmp_path / "outputs" / "activations").glob("proteins_*/record.json"))) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["task.fasta=tests/data/bad_residue.fasta"], "record 'bad_2' has '*' at position 6"),
+    (["task.fasta=nowhere.fasta"], "task.fasta: file not found: nowhere.fasta"),
+    (["host_model.checkpoints=[missing/esm2_x.pt]"], "host_model.checkpoints: file not found: missing/esm2_x.pt"),
+    (["host_model.layers=[4]"], "host_model.layers: layer 4 out of range [0, 3]"),
+])
+def test_protein_bad_input_fails_in_one_line_before_any_work(tmp_path, tiny_esm2_files, extra, message):
+    checkpoint = f"host_model.checkpoints=[{tiny_esm2_files[0]}]"
+    overrides = [o for o in PROTEIN if not o.startswith(extra[0].split("=")[0] + "=")]
+    result = run_script("train.py", *overrides, checkpoint, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT)
+    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (ROOT / "outputs" / "activations" / "nowhere").exists()

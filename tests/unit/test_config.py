@@ -13,6 +13,12 @@ from sae.saes import SAE_TYPES
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["task", "host_model", "sae", "scheduler", "hardware", "tracking"]
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in GROUPS}
+# Tasks pair with host models by family; within a family every option composes with every other.
+FAMILIES = {
+    "modular": ({t for t in OPTIONS["task"] if t != "protein_mlm"}, {"transformer"}),
+    "protein": ({"protein_mlm"}, {h for h in OPTIONS["host_model"] if h.startswith("esm2_")}),
+}
+FASTA = str(Path(__file__).resolve().parents[1] / "data" / "proteins.fasta")
 DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "slurm_gpu": "cuda", "slurm_cpu": "cpu", "submitit_local": "cpu"}
 register_configs()
 
@@ -31,7 +37,12 @@ def build(overrides: list[str], config_name: str = "config"):
 def test_every_group_has_options():
     assert all(OPTIONS[group] for group in GROUPS)
     assert set(OPTIONS["hardware"]) == set(DEVICE_OF)
-    assert set(OPTIONS["task"]) == {"addition", "subtraction", "multiplication", "division", "conditional", "mixed"}
+    assert set(OPTIONS["task"]) == {"addition", "subtraction", "multiplication", "division", "conditional", "mixed",
+                                    "protein_mlm"}
+    assert set(OPTIONS["host_model"]) == {"transformer", "esm2_t6_8M", "esm2_t12_35M", "esm2_t30_150M",
+                                          "esm2_t33_650M", "esm2_t36_3B"}
+    assert set().union(*(tasks for tasks, _ in FAMILIES.values())) == set(OPTIONS["task"])
+    assert set().union(*(hosts for _, hosts in FAMILIES.values())) == set(OPTIONS["host_model"])
     assert {build([f"sae={option}"]).sae.type for option in OPTIONS["sae"]} == set(SAE_TYPES)
 
 
@@ -52,16 +63,31 @@ def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
     return rows
 
 
-@pytest.mark.parametrize("choice", all_pairs([OPTIONS[g] for g in GROUPS]), ids="-".join)
+def family_rows() -> list[tuple[str, ...]]:
+    rows = []
+    for tasks, hosts in FAMILIES.values():
+        rows += all_pairs([sorted(tasks), sorted(hosts)] + [OPTIONS[g] for g in GROUPS[2:]])
+    return rows
+
+
+@pytest.mark.parametrize("choice", family_rows(), ids="-".join)
 def test_every_option_composes_with_every_other(choice):
-    cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)])
+    extra = [f"task.fasta={FASTA}"] if choice[0] == "protein_mlm" else []
+    cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)] + extra)
+    assert cfg.host_model.name == choice[1]
     assert isinstance(cfg, TrainConfig)
     assert cfg.task.name == choice[0] and choice[2].startswith(cfg.sae.type)
     assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == DEVICE_OF[choice[4]]
     assert cfg.tracking.mode.value == choice[5]
 
 
-@pytest.mark.parametrize("task", OPTIONS["task"])
+@pytest.mark.parametrize("task, host", [("protein_mlm", "transformer"), ("addition", "esm2_t6_8M")])
+def test_a_task_with_another_family_s_host_fails_with_one_line(task, host):
+    with pytest.raises(ConfigError, match=f"task={task} needs .*, got host_model={host}$"):
+        build([f"task={task}", f"host_model={host}"] + ([f"task.fasta={FASTA}"] if task == "protein_mlm" else []))
+
+
+@pytest.mark.parametrize("task", sorted(FAMILIES["modular"][0]))
 def test_host_training_config_composes(task):
     cfg = build([f"task={task}"], config_name="train_host")
     assert isinstance(cfg, HostTrainConfig) and cfg.task.name == task
@@ -109,6 +135,15 @@ def test_unknown_option_lists_the_available_ones():
     (["host_model.d_model=100", "host_model.n_heads=3"], "host_model.d_model=100 must be divisible by host_model.n_heads=3"),
     (["batch_size=0"], "batch_size must be > 0"),
     (["task.train_fraction=1.5"], "task.train_fraction must be in (0, 1)"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M"], "Missing mandatory value: task.fasta"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "host_model.layers=[7]"],
+     "host_model.layers: layer 7 out of range [0, 6] for esm2_t6_8M_UR50D"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "host_model.checkpoints=[model.bin]"],
+     "host_model.checkpoints: invalid entry 'model.bin'"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "task.tokens_per_batch=100"],
+     "task.tokens_per_batch must be >= task.max_length + 2 = 1024"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "+task.max_len=5"],
+     "Key 'max_len' not in 'ProteinTaskConfig' (full key: task.max_len)"),
 ])
 def test_schema_and_cross_field_checks_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -1,0 +1,241 @@
+"""`task=protein_mlm`: protein sequences from a FASTA file (biopython), validated, streamed, split,
+cropped and batched for an ESM-2 host.
+
+- Streamed: records are read one at a time, so a FASTA larger than memory works.
+- Validated by `scan_fasta` before any work: not FASTA / empty file, duplicated ids, empty records,
+  characters outside the amino-acid alphabet. `task.invalid_residues` says what happens to a record
+  with a bad character: `error` (default, names file, record id and position), `skip` (dropped and
+  counted), `replace_with_X` (each bad character becomes X, counted). Empty records are an error
+  unless the policy is skip. Counts are reported; nothing is dropped silently.
+- Split by record: a record is held out when a hash of (seed, id) falls below `test_fraction`,
+  so the split does not depend on file order or on other records.
+- Cropped: a record longer than `max_length` residues is cut to a window of that length at an
+  offset drawn from (seed, id), the same window every run.
+- Batched by a token budget: a batch holds at most `tokens_per_batch` padded tokens (cls and eos
+  included), records sorted by length within a read-ahead buffer to waste little padding.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+from omegaconf import MISSING
+
+from sae.errors import UserInputError
+
+# The amino-acid letters ESM-2's alphabet holds: the 20 standard residues and X B U Z O.
+AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+SORT_BUFFER_RECORDS = 2048
+
+
+class InvalidResidues(str, Enum):
+    error = "error"
+    skip = "skip"
+    replace_with_X = "replace_with_X"
+
+
+class FastaError(UserInputError):
+    """A FASTA file that cannot be used as it is; the message names the file (and record, position)."""
+
+
+@dataclass
+class ProteinTaskConfig:
+    """`task=protein_mlm`: masked-LM activations of an ESM-2 host on a FASTA file."""
+
+    name: str = "protein_mlm"
+    fasta: str = MISSING
+    max_length: int = 1022  # residues per record (ESM-2's context is 1024 tokens incl. cls, eos)
+    tokens_per_batch: int = 8192  # padded tokens per forward pass
+    test_fraction: float = 0.1  # records held out (by a hash of their id)
+    invalid_residues: InvalidResidues = InvalidResidues.error
+    max_train_tokens: int = 200_000  # residue activations kept for SAE training (bounds memory)
+    max_test_tokens: int = 20_000
+    eval_sequences: int = 32  # records per split for the masked-LM metric
+    mask_prob: float = 0.15  # BERT-style: of the chosen residues 80% <mask>, 10% random, 10% kept
+    seed: int = 0
+    activation_cache: Optional[str] = None  # a dir; null = outputs/activations/<hash of the record>
+
+    def __post_init__(self) -> None:
+        for key in ("max_length", "tokens_per_batch", "max_train_tokens", "max_test_tokens", "eval_sequences"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")
+        if self.tokens_per_batch < self.max_length + 2:
+            raise ValueError(f"task.tokens_per_batch must be >= task.max_length + 2 = {self.max_length + 2} "
+                             f"(one cropped record with cls and eos), got {self.tokens_per_batch}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"task.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"task.mask_prob must be in (0, 1), got {self.mask_prob}")
+
+
+@dataclass
+class ProteinRecord:
+    id: str
+    sequence: str  # validated (and cropped, once `crop` has run)
+    is_test: bool
+
+
+@dataclass
+class FastaScan:
+    """What `scan_fasta` found: counts per split after the policy, and what the policy changed."""
+
+    records: int = 0
+    train_records: int = 0
+    test_records: int = 0
+    train_residues: int = 0  # after cropping
+    test_residues: int = 0
+    skipped_records: int = 0
+    replaced_residues: int = 0
+    sha256: str = ""
+
+    def report(self, path: str) -> str:
+        changed = []
+        if self.skipped_records:
+            changed.append(f"skipped {self.skipped_records} record(s) (task.invalid_residues=skip)")
+        if self.replaced_residues:
+            changed.append(f"replaced {self.replaced_residues} residue(s) with X")
+        return (f"{path}: {self.records} records ({self.train_records} train / {self.test_records} held out), "
+                f"{self.train_residues} / {self.test_residues} residues after cropping"
+                + (f"; {', '.join(changed)}" if changed else ""))
+
+
+def is_held_out(record_id: str, task: ProteinTaskConfig) -> bool:
+    digest = hashlib.sha256(f"{task.seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < task.test_fraction
+
+
+def crop(sequence: str, record_id: str, task: ProteinTaskConfig) -> str:
+    """A window of max_length residues at an offset fixed by (seed, id)."""
+    excess = len(sequence) - task.max_length
+    if excess <= 0:
+        return sequence
+    digest = hashlib.sha256(f"crop:{task.seed}:{record_id}".encode()).digest()
+    start = int.from_bytes(digest[:8], "big") % (excess + 1)
+    return sequence[start:start + task.max_length]
+
+
+def _check_looks_like_fasta(path: Path) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head.strip():
+        raise FastaError(f"task.fasta: {path} is empty (no FASTA records)")
+    if head.startswith(b"\xef\xbb\xbf"):
+        raise FastaError(f"task.fasta: {path} starts with a UTF-8 byte-order mark; save it without one")
+    first_line = head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    if not first_line.startswith(">"):
+        kind = "FASTQ (not supported)" if first_line.startswith("@") else "not FASTA"
+        raise FastaError(f"task.fasta: {path} is {kind}: its first line must start with '>', found '{first_line[:40]}'")
+
+
+def _clean(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -> tuple[Optional[str], int]:
+    """(sequence after the policy or None if skipped, number of replaced residues)."""
+    if not sequence:
+        if policy is InvalidResidues.skip:
+            return None, 0
+        raise FastaError(f"task.fasta: {path}: record '{record_id}' is empty "
+                         "(task.invalid_residues=skip drops such records)")
+    bad = [i for i, char in enumerate(sequence) if char not in AMINO_ACIDS]
+    if not bad:
+        return sequence, 0
+    if policy is InvalidResidues.error:
+        i = bad[0]
+        raise FastaError(
+            f"task.fasta: {path}: record '{record_id}' has '{sequence[i]}' at position {i + 1}, outside the "
+            f"amino-acid alphabet {''.join(sorted(AMINO_ACIDS))} ({len(bad)} such character(s); "
+            "set task.invalid_residues=skip or replace_with_X to accept them)")
+    if policy is InvalidResidues.skip:
+        return None, 0
+    chars = list(sequence)
+    for i in bad:
+        chars[i] = "X"
+    return "".join(chars), len(bad)
+
+
+def _parse(path: Path) -> Iterator[tuple[str, str]]:
+    from Bio import SeqIO
+
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+        try:
+            for record in SeqIO.parse(handle, "fasta"):
+                yield record.id, str(record.seq)
+        except ValueError as error:
+            raise FastaError(f"task.fasta: {path}: {str(error).splitlines()[0]}") from None
+
+
+def read_records(task: ProteinTaskConfig) -> Iterator[ProteinRecord]:
+    """Stream validated, cropped records (train and held-out, in file order)."""
+    path = Path(task.fasta)
+    for record_id, sequence in _parse(path):
+        cleaned, _ = _clean(record_id, sequence, path, task.invalid_residues)
+        if cleaned is not None:
+            yield ProteinRecord(record_id, crop(cleaned, record_id, task), is_held_out(record_id, task))
+
+
+def scan_fasta(task: ProteinTaskConfig) -> FastaScan:
+    """One streaming pass that validates the whole file before any work, and counts what is there."""
+    path = Path(task.fasta)
+    if not path.is_file():
+        raise FastaError(f"task.fasta: file not found: {path}")
+    _check_looks_like_fasta(path)
+    scan, seen_ids = FastaScan(), set()
+    for record_id, sequence in _parse(path):
+        key = hashlib.blake2b(record_id.encode(), digest_size=8).digest()  # small, for huge files
+        if key in seen_ids:
+            raise FastaError(f"task.fasta: {path}: record id '{record_id}' appears more than once "
+                             "(ids must be unique: the held-out split is by id)")
+        seen_ids.add(key)
+        cleaned, replaced = _clean(record_id, sequence, path, task.invalid_residues)
+        if cleaned is None:
+            scan.skipped_records += 1
+            continue
+        scan.records += 1
+        scan.replaced_residues += replaced
+        length = min(len(cleaned), task.max_length)
+        if is_held_out(record_id, task):
+            scan.test_records, scan.test_residues = scan.test_records + 1, scan.test_residues + length
+        else:
+            scan.train_records, scan.train_residues = scan.train_records + 1, scan.train_residues + length
+    if scan.records == 0:
+        raise FastaError(f"task.fasta: {path} holds no usable records "
+                         f"({scan.skipped_records} skipped by task.invalid_residues)")
+    if scan.train_records == 0 or scan.test_records == 0:
+        raise FastaError(f"task.fasta: {path}: {scan.records} record(s) give {scan.train_records} train and "
+                         f"{scan.test_records} held-out records at task.test_fraction={task.test_fraction}; "
+                         "both splits need at least one (add records or change test_fraction)")
+    scan.sha256 = file_sha256(path)
+    return scan
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_batches(records: Iterator[ProteinRecord], tokens_per_batch: int) -> Iterator[list[ProteinRecord]]:
+    """Groups of records whose padded size (n x (longest + 2)) fits the token budget; records are
+    sorted by length within a read-ahead buffer, so the order within the stream changes but the
+    set of records does not."""
+    buffer: list[ProteinRecord] = []
+
+    def flush() -> Iterator[list[ProteinRecord]]:
+        batch: list[ProteinRecord] = []
+        for record in sorted(buffer, key=lambda r: len(r.sequence)):
+            if batch and (len(batch) + 1) * (len(record.sequence) + 2) > tokens_per_batch:
+                yield batch
+                batch = []
+            batch.append(record)
+        if batch:
+            yield batch
+        buffer.clear()
+
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= SORT_BUFFER_RECORDS:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,270 @@
+"""ESM-2 activations on a FASTA file as SAE training data, through an on-disk activation cache.
+
+Extraction is the expensive part, so the residue activations of every source (checkpoint x layer)
+are written once into a cache dir and reused by later runs and sweep jobs:
+
+    record.json           what produced it: host files/names, layers, dtype, FASTA sha256, every
+                          task key that changes which residues are kept
+    train/shard_00000.npy [rows, n_sources, d_in] float32, raw (unnormalised), memory-mapped on read
+    test/shard_00000.npy  held-out records
+
+Only residue positions are kept (cls, eos and padding never reach an SAE). All layers of one model
+come from one forward pass. The dir is written under a temp name and renamed when complete, and
+a lock lets concurrent sweep jobs build it once. A cache whose record does not match the config is
+refused, never reused or overwritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sae.errors import UserInputError
+from sae.host_models.config import ESM2HostConfig
+from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm, residue_mask
+from sae.tasks.protein import FastaScan, ProteinRecord, ProteinTaskConfig, read_records, scan_fasta, token_batches
+from sae.training.checkpoint import atomic_dir, write_json
+
+SHARD_ROWS = 1 << 16
+CACHE_ROOT = Path("outputs/activations")
+CACHE_FORMAT = 1
+
+
+@dataclass
+class ProteinSource:
+    name: str  # e.g. "esm2_t6_8M_UR50D.L3"
+    checkpoint: str  # 'pretrained' or the .pt path
+    layer: int
+    model: ESM2Host
+    hook: str  # e.g. "layers.3.resid"
+
+
+@dataclass
+class ProteinActivationData:
+    """train/test: [rows, n_sources, d_in] residue activations, already multiplied by `scale`."""
+
+    sources: list[ProteinSource]
+    task: ProteinTaskConfig
+    alphabet: object
+    train: torch.Tensor
+    test: torch.Tensor
+    scale: torch.Tensor
+    cache_dir: Path
+    scan: FastaScan
+    row_unit = "residues"
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def meta(self) -> dict:
+        return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
+                            for s in self.sources],
+                "token_positions": "residues", "activation_cache": str(self.cache_dir)}
+
+    def eval_records(self, split: str) -> list[ProteinRecord]:
+        """The first task.eval_sequences records of a split, in file order: the masked-LM eval set."""
+        records = []
+        for record in read_records(self.task):
+            if record.is_test == (split == "test"):
+                records.append(record)
+                if len(records) == self.task.eval_sequences:
+                    break
+        return records
+
+    def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
+        from sae.metrics.protein_mlm import masked_lm_metrics
+
+        return masked_lm_metrics(sae, self, split)
+
+
+@dataclass
+class CheckedProteinInputs:
+    scan: FastaScan
+    sources: list[ProteinSource]
+
+
+def check_protein_inputs(task: ProteinTaskConfig, host: ESM2HostConfig, device: str,
+                         dtype: torch.dtype) -> CheckedProteinInputs:
+    """Before any work: the host files exist and load (pretrained weights can be fetched), the
+    layers exist, the FASTA is valid."""
+    for entry in host.checkpoints:
+        if entry != "pretrained":
+            check_local_checkpoint(entry)
+    scan = scan_fasta(task)
+    print(scan.report(task.fasta), flush=True)
+    return CheckedProteinInputs(scan, load_protein_sources(host, device, dtype))
+
+
+def load_protein_sources(host: ESM2HostConfig, device: str, dtype: torch.dtype) -> list[ProteinSource]:
+    sources, labels = [], []
+    for entry in host.checkpoints:
+        model, _ = load_fair_esm(entry, host.pretrained)
+        wrapped = ESM2Host(model.to(device=device, dtype=dtype))  # dtype fixed before the first forward
+        label = host.pretrained if entry == "pretrained" else Path(entry).stem
+        label = label if label not in labels else f"{label}#{len(labels)}"
+        labels.append(label)
+        for layer in host.layers:
+            if layer > wrapped.n_layers:
+                raise UserInputError(f"host_model.layers: layer {layer} out of range [0, {wrapped.n_layers}] for {entry}")
+            sources.append(ProteinSource(f"{label}.L{layer}", entry, layer, wrapped, f"layers.{layer}.resid"))
+    widths = {s.model.d_model for s in sources}
+    if len(widths) > 1:
+        raise UserInputError(f"host_model.checkpoints: the models have different widths {sorted(widths)}; "
+                             "a crosscoder needs one d_in")
+    return sources
+
+
+def load_alphabet():
+    import esm
+
+    return esm.data.Alphabet.from_architecture("ESM-1b")
+
+
+def cache_record(task: ProteinTaskConfig, host: ESM2HostConfig, scan: FastaScan, dtype: torch.dtype) -> dict:
+    """Everything that decides the cached numbers; a cache is reused only if this matches exactly."""
+    models = []
+    for entry in host.checkpoints:
+        if entry == "pretrained":
+            models.append({"pretrained": host.pretrained})
+        else:
+            stat = Path(entry).stat()
+            models.append({"file": str(Path(entry).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    data_keys = ("max_length", "test_fraction", "invalid_residues", "max_train_tokens", "max_test_tokens", "seed")
+    return {
+        "format": CACHE_FORMAT, "models": models, "layers": list(host.layers), "dtype": str(dtype),
+        "fasta": {"path": str(Path(task.fasta).resolve()), "sha256": scan.sha256},
+        "task": {key: getattr(task, key).value if hasattr(getattr(task, key), "value") else getattr(task, key)
+                 for key in data_keys},
+    }
+
+
+def cache_dir_for(task: ProteinTaskConfig, record: dict) -> Path:
+    if task.activation_cache is not None:
+        return Path(task.activation_cache)
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return CACHE_ROOT / f"{Path(task.fasta).stem}_{digest}"
+
+
+def check_cache(cache_dir: Path, record: dict) -> bool:
+    """True if a complete cache with this record exists; refuse a mismatching one."""
+    path = cache_dir / "record.json"
+    if not path.is_file():
+        if cache_dir.exists() and any(cache_dir.iterdir()):
+            raise UserInputError(f"task.activation_cache: {cache_dir} exists but is not an activation cache "
+                                 "(no record.json); choose an empty or new dir")
+        return False
+    saved = json.loads(path.read_text())
+    differing = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+    if differing:
+        key = differing[0]
+        raise UserInputError(f"task.activation_cache: {cache_dir} was built for a different config ('{key}' "
+                             f"differs: cached {saved.get(key)}, now {record.get(key)}); point "
+                             "task.activation_cache at a new dir or set it to null")
+    return True
+
+
+@torch.no_grad()
+def residue_activations(sources: list[ProteinSource], batch: list[ProteinRecord], alphabet) -> torch.Tensor:
+    """[residues in the batch, n_sources, d_in], one forward pass per model for all its layers."""
+    tokens = batch_tokens(batch, alphabet, sources[0].model)
+    keep = residue_mask(tokens, alphabet)
+    by_model: dict[int, list[int]] = {}
+    for index, source in enumerate(sources):
+        by_model.setdefault(id(source.model), []).append(index)
+    columns: list[torch.Tensor | None] = [None] * len(sources)
+    for indices in by_model.values():
+        captured = sources[indices[0]].model.capture(tokens, [sources[i].layer for i in indices])
+        for i in indices:
+            columns[i] = captured[sources[i].layer][keep].float()
+    return torch.stack(columns, dim=1)
+
+
+def batch_tokens(batch: list[ProteinRecord], alphabet, model: ESM2Host) -> torch.Tensor:
+    """fair-esm's own batch converter: cls + residues + eos, padded."""
+    _, _, tokens = alphabet.get_batch_converter()([(r.id, r.sequence) for r in batch])
+    return tokens.to(next(model.parameters()).device)
+
+
+def write_split(sources: list[ProteinSource], task: ProteinTaskConfig, alphabet, split: str, out: Path,
+                max_rows: int) -> int:
+    """Stream the split's records through the host(s) into shards of SHARD_ROWS rows; stop at max_rows."""
+    out.mkdir(parents=True)
+    records = (r for r in read_records(task) if r.is_test == (split == "test"))
+    pending, n_pending, written, shard = [], 0, 0, 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, n_pending, shard
+        table = torch.cat(pending) if pending else None
+        while table is not None and (len(table) >= SHARD_ROWS or (final and len(table))):
+            np.save(out / f"shard_{shard:05d}.npy", table[:SHARD_ROWS].numpy())
+            table, shard = table[SHARD_ROWS:], shard + 1
+        pending = [table] if table is not None and len(table) else []
+        n_pending = len(pending[0]) if pending else 0
+
+    for batch in token_batches(records, task.tokens_per_batch):
+        acts = residue_activations(sources, batch, alphabet).cpu()[: max_rows - written]
+        pending.append(acts)
+        n_pending, written = n_pending + len(acts), written + len(acts)
+        if n_pending >= SHARD_ROWS:
+            flush(final=False)
+        if written >= max_rows:
+            break
+    flush(final=True)
+    return written
+
+
+def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, record: dict) -> None:
+    with atomic_dir(cache_dir) as tmp:
+        rows = {split: write_split(sources, task, alphabet, split, tmp / split, limit)
+                for split, limit in (("train", task.max_train_tokens), ("test", task.max_test_tokens))}
+        write_json(tmp / "record.json", record)
+        write_json(tmp / "rows.json", rows)
+    print(f"Activation cache written: {cache_dir} ({rows['train']} train / {rows['test']} held-out residues)",
+          flush=True)
+
+
+def read_split(cache_dir: Path, split: str) -> torch.Tensor:
+    """Shards memory-mapped and concatenated into one in-memory table (max_*_tokens bound its size)."""
+    shards = sorted((cache_dir / split).glob("shard_*.npy"))
+    return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in shards])
+
+
+def iter_cache_shards(cache_dir: Path, split: str) -> Iterator[np.ndarray]:
+    """Each shard memory-mapped, for code that streams a cache larger than memory."""
+    for path in sorted((cache_dir / split).glob("shard_*.npy")):
+        yield np.load(path, mmap_mode="r")
+
+
+def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, normalize: bool, device: str,
+                                 dtype: torch.dtype = torch.float32, checked: CheckedProteinInputs | None = None
+                                 ) -> ProteinActivationData:
+    from sae.training.activations import normalisation_scale
+
+    checked = checked or check_protein_inputs(task, host, device, dtype)
+    scan, sources = checked.scan, checked.sources
+    alphabet = load_alphabet()
+    record = cache_record(task, host, scan, dtype)
+    cache_dir = cache_dir_for(task, record)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir.parent / f".{cache_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sweep jobs: one builds, the others wait and reuse
+        if check_cache(cache_dir, record):
+            print(f"Reusing activation cache {cache_dir}", flush=True)
+        else:
+            build_cache(sources, task, alphabet, cache_dir, record)
+    train, test = read_split(cache_dir, "train").to(device), read_split(cache_dir, "test").to(device)
+    scale = normalisation_scale(train) if normalize else torch.ones(len(sources), device=device)
+    return ProteinActivationData(sources, task, alphabet, train * scale[:, None], test * scale[:, None], scale,
+                                 cache_dir, scan)
+
+
+def describe(data: ProteinActivationData) -> dict:
+    return {**data.meta(), "scan": dataclasses.asdict(data.scan)}

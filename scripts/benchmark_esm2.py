@@ -1,0 +1,84 @@
+"""ESM-2 activation extraction throughput: our trunk (what the activation cache runs) against
+fair-esm's plain forward, on the same token-budget batches, in one run.
+
+    python scripts/benchmark_esm2.py                       # esm2_t6_8M architecture, random weights
+    python scripts/benchmark_esm2.py --checkpoint esm2_t6_8M_UR50D.pt --fasta my.fasta
+
+Weights do not change the speed, so without --checkpoint the t6_8M architecture is built with
+random weights (no download). Residues/s is the median over --repeats timed passes over all
+batches, after one warm-up pass; ours includes keeping only residue rows, as the cache does.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sae.host_models.esm2 import ESM2Host, load_fair_esm, residue_mask  # noqa: E402
+from sae.tasks.protein import ProteinTaskConfig, read_records, token_batches  # noqa: E402
+
+T6_8M = dict(num_layers=6, embed_dim=320, attention_heads=20)
+
+
+def build_model(checkpoint: str | None):
+    import esm
+
+    if checkpoint:
+        return load_fair_esm(checkpoint, "esm2_t6_8M_UR50D")
+    torch.manual_seed(0)
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    return esm.model.esm2.ESM2(**T6_8M, alphabet=alphabet).eval(), alphabet
+
+
+def timed_passes(run_batch, batches, repeats: int) -> float:
+    """Median seconds for one pass over all batches."""
+    for tokens in batches:  # warm-up
+        run_batch(tokens)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for tokens in batches:
+            run_batch(tokens)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fasta", default=str(Path(__file__).resolve().parents[1] / "tests/data/proteins.fasta"))
+    parser.add_argument("--checkpoint", default=None, help="a local esm2*.pt file (fair-esm format)")
+    parser.add_argument("--layers", default="3,6", help="comma-separated layers to extract, one measurement each")
+    parser.add_argument("--tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, alphabet = build_model(args.checkpoint)
+    model = model.to(args.device)
+    host = ESM2Host(model)
+    task = ProteinTaskConfig(fasta=args.fasta, max_length=1022, tokens_per_batch=args.tokens_per_batch)
+    convert = alphabet.get_batch_converter()
+    batches = [convert([(r.id, r.sequence) for r in batch])[2].to(args.device)
+               for batch in token_batches(read_records(task), task.tokens_per_batch)]
+    residues = sum(int(residue_mask(t, alphabet).sum()) for t in batches)
+    print(f"{len(batches)} batches, {residues} residues, {torch.get_num_threads()} threads, device {args.device}, "
+          f"model {host.n_layers} layers x {host.d_model}")
+    print(f"| layer | fair-esm forward (residues/s) | our trunk (residues/s) | overhead |")
+    print(f"| --- | --- | --- | --- |")
+    for layer in (int(x) for x in args.layers.split(",")):
+        with torch.no_grad():
+            theirs = timed_passes(lambda t: model(t, repr_layers=[layer])["representations"][layer], batches,
+                                  args.repeats)
+            ours = timed_passes(lambda t: host.capture(t, [layer])[layer][residue_mask(t, alphabet)], batches,
+                                args.repeats)
+        overhead = ours / theirs - 1
+        print(f"| {layer} | {residues / theirs:,.0f} | {residues / ours:,.0f} | {overhead:+.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""FASTA reading, validation policies, the held-out split, cropping and token-budget batching."""
+import random
+
+import pytest
+
+from sae.tasks.protein import (AMINO_ACIDS, FastaError, InvalidResidues, ProteinTaskConfig, crop, read_records,
+                               scan_fasta, token_batches)
+from tests.conftest import DATA, PROTEINS_FASTA
+
+
+def plain_fasta(path):
+    """An independent reader: (id, sequence) pairs."""
+    records, current = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith(">"):
+            current = [line[1:].split()[0], ""]
+            records.append(current)
+        elif current is not None:
+            current[1] += line.strip()
+    return [tuple(r) for r in records]
+
+
+def task_for(path, **keys):
+    return ProteinTaskConfig(fasta=str(path), **{"max_length": 100, "tokens_per_batch": 1024, **keys})
+
+
+def test_scan_counts_match_an_independent_reader():
+    task = task_for(PROTEINS_FASTA)
+    scan = scan_fasta(task)
+    expected = plain_fasta(PROTEINS_FASTA)
+    assert scan.records == len(expected) == scan.train_records + scan.test_records
+    assert scan.train_residues + scan.test_residues == sum(min(len(s), 100) for _, s in expected)
+    assert 0 < scan.test_records < scan.train_records and len(scan.sha256) == 64
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bad_residue.fasta", "record 'bad_2' has '*' at position 6, outside the amino-acid alphabet"),
+    ("lowercase.fasta", "record 'lower_1' has 'l' at position 4"),
+    ("duplicate_ids.fasta", "record id 'dup' appears more than once"),
+    ("empty_record.fasta", "record 'hollow' is empty"),
+    ("leading_text.fasta", "is not FASTA: its first line must start with '>', found 'sequences from the lab'"),
+    ("bom.fasta", "starts with a UTF-8 byte-order mark"),
+    ("reads.fastq", "is FASTQ (not supported)"),
+    ("empty.fasta", "is empty (no FASTA records)"),
+    ("missing.fasta", "file not found"),
+])
+def test_bad_files_fail_naming_file_record_and_position(name, message):
+    with pytest.raises(FastaError) as error:
+        scan_fasta(task_for(DATA / name))
+    assert message in str(error.value) and str(DATA / name) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture
+def with_bad_records(tmp_path):
+    path = tmp_path / "mixed.fasta"
+    path.write_text(PROTEINS_FASTA.read_text() + ">stop_codon\nMKVLA*\n>gap\nMK-VLA\n>hollow\n")
+    return path
+
+
+def test_skip_policy_counts_what_it_drops(with_bad_records):
+    scan = scan_fasta(task_for(with_bad_records, invalid_residues=InvalidResidues.skip))
+    assert (scan.records, scan.skipped_records) == (len(plain_fasta(PROTEINS_FASTA)), 3)
+    assert "skipped 3 record(s)" in scan.report("f")
+    assert {"stop_codon", "gap", "hollow"}.isdisjoint(r.id for r in read_records(task_for(
+        with_bad_records, invalid_residues=InvalidResidues.skip)))
+
+
+def test_replace_policy_turns_bad_characters_into_x(with_bad_records):
+    task = task_for(with_bad_records, invalid_residues=InvalidResidues.replace_with_X)
+    with pytest.raises(FastaError, match="record 'hollow' is empty"):  # an empty record cannot be repaired
+        scan_fasta(task)
+    records = {r.id: r.sequence for r in read_records(task_for(DATA / "bad_residue.fasta",
+                                                                  invalid_residues=InvalidResidues.replace_with_X))}
+    assert records == {"ok_1": "MKVLAAGG", "bad_2": "MKVLAX"}
+    with_bad_records.write_text(with_bad_records.read_text().replace(">hollow\n", ""))
+    assert scan_fasta(task).replaced_residues == 2
+
+
+def test_reading_streams_records_one_at_a_time():
+    """The first record arrives before the reader meets a bad one further down the file."""
+    stream = read_records(task_for(DATA / "bad_residue.fasta"))
+    assert next(stream).id == "ok_1"
+    with pytest.raises(FastaError, match="bad_2"):
+        next(stream)
+
+
+def test_split_depends_on_ids_not_on_file_order(tmp_path):
+    records = plain_fasta(PROTEINS_FASTA)
+    random.Random(1).shuffle(records)
+    shuffled = tmp_path / "shuffled.fasta"
+    shuffled.write_text("".join(f">{i}\n{s}\n" for i, s in records))
+    held_out = {r.id for r in read_records(task_for(PROTEINS_FASTA)) if r.is_test}
+    assert held_out == {r.id for r in read_records(task_for(shuffled)) if r.is_test}
+    other_seed = {r.id for r in read_records(task_for(PROTEINS_FASTA, seed=1)) if r.is_test}
+    assert held_out != other_seed
+
+
+def test_crop_is_a_fixed_window_of_max_length():
+    task = task_for(PROTEINS_FASTA, max_length=50)
+    rng = random.Random(0)
+    sequence = "".join(rng.choice(sorted(AMINO_ACIDS)) for _ in range(300))
+    window = crop(sequence, "rec", task)
+    assert len(window) == 50 and window in sequence and window == crop(sequence, "rec", task)
+    assert {crop(sequence, f"rec{i}", task) for i in range(20)} != {window}  # offsets differ across records
+    assert crop("MKV", "rec", task) == "MKV"
+
+
+def test_batches_respect_the_token_budget_and_keep_every_record():
+    task = task_for(PROTEINS_FASTA, max_length=120, tokens_per_batch=600)
+    records = list(read_records(task))
+    batches = list(token_batches(iter(records), task.tokens_per_batch))
+    assert sorted(r.id for b in batches for r in b) == sorted(r.id for r in records)
+    assert all(len(b) * (max(len(r.sequence) for r in b) + 2) <= 600 for b in batches)
+    assert len(batches) < len(records)  # short records share batches
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"tokens_per_batch": 50}, "task.tokens_per_batch must be >= task.max_length + 2 = 102"),
+    ({"test_fraction": 1.0}, "task.test_fraction must be in (0, 1)"),
+    ({"max_length": 0}, "task.max_length must be > 0"),
+])
+def test_config_checks(keys, message):
+    with pytest.raises(ValueError) as error:
+        task_for(PROTEINS_FASTA, **keys)
+    assert message in str(error.value)
