@@ -47,9 +47,8 @@ class ActivationData:
 
     def meta(self) -> dict:
         """What a saved SAE records about its inputs."""
-        return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
-                            for s in self.sources],
-                "token_positions": self.positions.value, "host_run_dir": str(self.host_run_dir)}
+        return {**sources_meta(self.sources), "token_positions": self.positions.value,
+                "host_run_dir": str(self.host_run_dir)}
 
     def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
         """Per source: the reconstruction spliced into the host, answer CE/accuracy (per operation too)."""
@@ -66,6 +65,11 @@ class ActivationData:
                                       self.positions, groups)
             metrics.update({f"{source.name}/{k}": v for k, v in spliced.items()})
         return metrics
+
+
+def sources_meta(sources) -> dict:
+    return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
+                        for s in sources]}
 
 
 def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) -> tuple[list[Source], Path]:

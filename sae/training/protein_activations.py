@@ -15,13 +15,12 @@ refused, never reused or overwritten.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,6 +57,7 @@ class ProteinActivationData:
     scale: torch.Tensor
     cache_dir: Path
     scan: FastaScan
+    eval_sets: dict[str, list[ProteinRecord]] = field(default_factory=dict)
     row_unit = "residues"
 
     @property
@@ -65,19 +65,17 @@ class ProteinActivationData:
         return [s.name for s in self.sources]
 
     def meta(self) -> dict:
-        return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
-                            for s in self.sources],
-                "token_positions": "residues", "activation_cache": str(self.cache_dir)}
+        from sae.training.activations import sources_meta
+
+        return {**sources_meta(self.sources), "token_positions": "residues", "activation_cache": str(self.cache_dir)}
 
     def eval_records(self, split: str) -> list[ProteinRecord]:
-        """The first task.eval_sequences records of a split, in file order: the masked-LM eval set."""
-        records = []
-        for record in read_records(self.task):
-            if record.is_test == (split == "test"):
-                records.append(record)
-                if len(records) == self.task.eval_sequences:
-                    break
-        return records
+        """The first task.eval_sequences records of a split, in file order: the masked-LM eval set
+        (read once, then kept)."""
+        if split not in self.eval_sets:
+            records = (r for r in read_records(self.task) if r.is_test == (split == "test"))
+            self.eval_sets[split] = list(islice(records, self.task.eval_sequences))
+        return self.eval_sets[split]
 
     def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
         from sae.metrics.protein_mlm import masked_lm_metrics
@@ -237,12 +235,6 @@ def read_split(cache_dir: Path, split: str) -> torch.Tensor:
     return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in shards])
 
 
-def iter_cache_shards(cache_dir: Path, split: str) -> Iterator[np.ndarray]:
-    """Each shard memory-mapped, for code that streams a cache larger than memory."""
-    for path in sorted((cache_dir / split).glob("shard_*.npy")):
-        yield np.load(path, mmap_mode="r")
-
-
 def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, normalize: bool, device: str,
                                  dtype: torch.dtype = torch.float32, checked: CheckedProteinInputs | None = None
                                  ) -> ProteinActivationData:
@@ -265,6 +257,3 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
     return ProteinActivationData(sources, task, alphabet, train * scale[:, None], test * scale[:, None], scale,
                                  cache_dir, scan)
 
-
-def describe(data: ProteinActivationData) -> dict:
-    return {**data.meta(), "scan": dataclasses.asdict(data.scan)}

@@ -159,3 +159,12 @@ def test_protein_bad_input_fails_in_one_line_before_any_work(tmp_path, tiny_esm2
     assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (ROOT / "outputs" / "activations" / "nowhere").exists()
+
+
+def test_esm2_extraction_benchmark_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_esm2.py"), "--repeats", "1",
+                             "--layers", "2,6", "--max-records", "6", "--threads", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 ") or line.startswith("| 6 ")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("% |") for row in rows)
