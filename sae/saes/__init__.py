@@ -33,7 +33,10 @@ def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
     info = json.loads(meta.read_text())
     config_cls, _ = SAE_TYPES[info["sae"]["type"]]
     sae = build_sae(config_cls(**info["sae"]), info["n_sources"], info["d_in"])
-    sae.load_state_dict(load_file(str(weights), device=device))
+    state = load_file(str(weights), device=device)
+    if info.get("weights_format", 1) == 1:  # W_enc was [n_sources, d_in, d_sae]
+        state["W_enc"] = state["W_enc"].permute(2, 0, 1).contiguous()
+    sae.load_state_dict(state)
     return sae.to(device)
 
 

@@ -1,8 +1,10 @@
 """The sparse coder shared by every SAE type: one latent space over S sources.
 
-Shapes: x [batch, n_sources, d_in]; latents f [batch, d_sae]. A plain SAE is n_sources=1; a
-crosscoder (Anthropic 2024) has one encoder per source, summed, and one decoder per source:
-    pre  = sum_s (x_s - b_dec_s) @ W_enc[s] + b_enc
+Shapes: x [batch, n_sources, d_in]; latents f [batch, d_sae]; W_enc and W_dec are both
+[d_sae, n_sources, d_in] (latent-major, so the sparse TopK kernels read and write contiguous
+rows). A plain SAE is n_sources=1; a crosscoder (Anthropic 2024) has one encoder per source,
+summed, and one decoder per source:
+    pre  = sum_s (x_s - b_dec_s) @ W_enc[:, s].T + b_enc
     x̂_s  = f @ W_dec[:, s] + b_dec_s
 Subclasses choose the activation f = act(pre) and may add an auxiliary loss.
 """
@@ -40,12 +42,33 @@ class SAEConfig:
             raise ValueError(f"sae.init_decoder_norm must be > 0, got {self.init_decoder_norm}")
 
 
+WEIGHTS_FORMAT = 2  # 2: W_enc [d_sae, n_sources, d_in]; 1 (session-1 checkpoints): [n_sources, d_in, d_sae]
+
+
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor  # [batch, n_sources, d_in] reconstruction
-    latents: torch.Tensor  # [batch, d_sae] sparse codes (after the activation)
+    latents: torch.Tensor  # [batch, d_sae] codes, or [batch, k] values of the active latents if `indices` is set
     mse: torch.Tensor  # scalar: squared error summed over sources and d_in, mean over batch
     sparsity: torch.Tensor  # scalar: sum_i f_i * sum_s ||W_dec[i, s]||, mean over batch
     aux: torch.Tensor  # scalar: auxiliary loss (AuxK for TopK; 0 otherwise)
+    indices: torch.Tensor | None = None  # [batch, k] which latents `latents` holds (sparse TopK path)
+
+    def l0(self) -> torch.Tensor:
+        """[batch] number of nonzero latents per row."""
+        return (self.latents != 0).sum(dim=1).float()
+
+    def dense_latents(self, d_sae: int) -> torch.Tensor:
+        """[batch, d_sae] codes, whichever form `latents` holds."""
+        if self.indices is None:
+            return self.latents
+        return self.latents.new_zeros(len(self.latents), d_sae).scatter_(1, self.indices, self.latents)
+
+    def fired(self, d_sae: int) -> torch.Tensor:
+        """[d_sae] bool: latents that fired on some row of the batch (no host sync)."""
+        if self.indices is None:
+            return (self.latents > 0).any(dim=0)
+        counts = torch.zeros(d_sae, device=self.latents.device)
+        return counts.index_add_(0, self.indices.flatten(), (self.latents > 0).flatten().float()) > 0
 
 
 class SparseCoder(nn.Module):
@@ -55,7 +78,7 @@ class SparseCoder(nn.Module):
         W_dec = torch.randn(self.d_sae, n_sources, d_in)
         W_dec *= cfg.init_decoder_norm / W_dec.flatten(1).norm(dim=1)[:, None, None]
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())  # encoder starts as the decoder transpose
+        self.W_enc = nn.Parameter(W_dec.clone())  # encoder starts as the decoder transpose
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_in))
 
@@ -63,7 +86,7 @@ class SparseCoder(nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, n_sources, d_in] -> [batch, d_sae]."""
         centred = (x - self.b_dec).flatten(1)
-        return centred @ self.W_enc.flatten(0, 1) + self.b_enc
+        return torch.addmm(self.b_enc, centred, self.W_enc.flatten(1).t())
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -79,17 +102,14 @@ class SparseCoder(nn.Module):
         """[d_sae, n_sources]: ||W_dec[i, s]||."""
         return self.W_dec.norm(dim=-1)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+        """dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)
         mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
         sparsity = (latents * self.decoder_norms().sum(dim=1)).sum(dim=1).mean()
-        aux = self.auxiliary_loss(x, x_hat, pre, dead_mask)
-        return SAEOutput(x_hat, latents, mse, sparsity, aux)
-
-    def auxiliary_loss(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
-        return x.new_zeros(())
+        return SAEOutput(x_hat, latents, mse, sparsity, x.new_zeros(()))
 
     # -- training hooks (no-ops unless the architecture constrains its decoder) ----------------
     def before_optimizer_step(self) -> None:
@@ -106,6 +126,6 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def fold_input_scale(self, scale: torch.Tensor) -> None:
         """Absorb a per-source input scale c_s (the model saw c_s * x_s) so it takes raw x_s."""
-        self.W_enc.mul_(scale[:, None, None])
+        self.W_enc.mul_(scale[None, :, None])
         self.W_dec.div_(scale[None, :, None])
         self.b_dec.div_(scale[:, None])

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.saes.base import SAEConfig, SparseCoder
+from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
+from sae.saes.sparse_ops import sparse_decode, topk_encode
 
 
 @dataclass
@@ -27,26 +28,43 @@ class TopKSAEConfig(SAEConfig):
 
 
 class TopKSAE(SparseCoder):
+    """Training runs the sparse kernels of sae/saes/sparse_ops.py (same loss and gradients as the
+    dense computation, tested); `encode`/`decode` stay dense for analysis code."""
+
     cfg: TopKSAEConfig
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def auxiliary_loss(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+        if x.requires_grad:  # the sparse kernels treat x as data; gradients w.r.t. x need the dense path
+            return super().forward(x, dead_latents)
+        batch = x.shape[0]
+        aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
+        values, indices, pre_aux, layout = topk_encode(x.flatten(1), self.b_dec.flatten(), self.W_enc.flatten(1).t(),
+                                                       self.b_enc, self.cfg.k, aux_columns)
+        W_dec = self.W_dec.flatten(1)
+        x_hat = sparse_decode(values, indices, W_dec, layout).view(batch, self.n_sources, self.d_in) + self.b_dec
+        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
+            sparsity = (values * self.decoder_norms().sum(dim=1)[indices]).sum(dim=1).mean()
+        aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
+        return SAEOutput(x_hat, values, mse, sparsity, aux, indices)
+
+    def auxk_loss(self, x, x_hat, pre_aux, dead_latents, W_dec) -> torch.Tensor:
         """AuxK: reconstruct the residual e = x - x̂ from the top k_aux *dead* latents.
 
-        Normalised by the residual's variance, so the loss is comparable across layers; e is
-        detached, so the gradient reaches only the dead latents.
+        Only the dead columns' pre-activations exist here (pre_aux: [batch, n_dead]), so the cost
+        scales with the number of dead latents. Normalised by the residual's variance, so the loss
+        is comparable across layers; e is detached, so the gradient reaches only the dead latents.
         """
-        if dead_mask is None or self.cfg.aux_coef == 0 or not bool(dead_mask.any()):
+        if dead_latents is None or dead_latents.numel() == 0:
             return x.new_zeros(())
-        k_aux = min(self.cfg.k_aux, int(dead_mask.sum()))
-        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
-        values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_latents = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        k_aux = min(self.cfg.k_aux, dead_latents.numel())  # numel is metadata: no host sync
+        values, local = pre_aux.topk(k_aux, dim=-1, sorted=False)
         e = (x - x_hat).detach()
-        e_hat = (aux_latents @ self.W_dec.flatten(1)).view_as(e)
+        e_hat = sparse_decode(values.relu(), dead_latents[local], W_dec).view_as(e)
         total_variance = (e - e.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         return self.cfg.aux_coef * (e_hat - e).pow(2).sum() / total_variance
 

@@ -13,7 +13,7 @@ from sae.config import TrainConfig
 from sae.errors import UserInputError
 from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
-from sae.saes.base import SparseCoder
+from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
 from sae.tracking import check_tracking, make_tracker, truncate_jsonl
 from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
 from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
@@ -21,9 +21,9 @@ from sae.training.hardware import apply_threads, autocast, check_hardware, host_
 from sae.training.signals import deferred_stop_signals
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
 
-# AuxK is skipped while no latent is dead; whether any is dead is read (a host sync) every this
-# many steps, on a cadence fixed by the step alone so that results do not depend on log_every
-# and a resumed run (which restores the flag) replays the same decisions.
+# The dead-latent set AuxK works on is refreshed (a host sync: its size decides the kernel
+# shapes) every this many steps, on a cadence fixed by the step alone, so results do not depend
+# on log_every and a resumed run (which restores the set) replays the same decisions.
 DEAD_CHECK_EVERY = 10
 
 # Keys a resumed run may change: they do not alter the trained weights.
@@ -86,13 +86,13 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     forward = torch.compile(sae) if cfg.hardware.compile else sae
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
-    any_dead = bool(state["any_dead"]) if state is not None else False
+    dead_latents = state["dead_latents"] if state is not None else None  # None: no latent is dead
 
     def save(at_step: int) -> None:
         train_state = {
             "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "tokens_since_fired": tokens_since_fired, "any_dead": any_dead,
+            "tokens_since_fired": tokens_since_fired, "dead_latents": dead_latents,
         }
         save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
                             config_dict(cfg), train_state)
@@ -108,9 +108,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
             rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
             x = data.train[rows]
-            dead_mask = tokens_since_fired > cfg.sae.dead_window
             with autocast(cfg.hardware):
-                out = forward(x, dead_mask if any_dead else None)  # AuxK adds exactly 0 with none dead
+                out = forward(x, dead_latents)  # AuxK adds exactly 0 with none dead
             loss = out.mse + coef * out.sparsity + out.aux
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,16 +118,17 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             optimizer.step()
             sae.after_optimizer_step()
-            fired = (out.latents > 0).any(dim=0)
+            fired = out.fired(sae.d_sae)
             tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
             step, flops = step + 1, flops + step_flops
             progress.update(1)
             if step % DEAD_CHECK_EVERY == 0:
-                any_dead = bool((tokens_since_fired > cfg.sae.dead_window).any())
+                dead = torch.nonzero(tokens_since_fired > cfg.sae.dead_window).flatten()
+                dead_latents = dead if dead.numel() else None
 
             # -- logging, eval and checkpoints at their intervals --
             if step % cfg.log_every == 0 or step == cfg.num_steps:
-                metrics = train_metrics(out, x, loss, lr, coef, dead_mask)
+                metrics = train_metrics(out, x, loss, lr, coef, tokens_since_fired > cfg.sae.dead_window)
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")
@@ -162,7 +162,7 @@ def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: flo
             "train/loss": loss.item(), "train/mse": out.mse.item(), "train/aux": out.aux.item(),
             "train/sparsity": out.sparsity.item(),
             "train/fvu": ((out.x_hat.float() - x).pow(2).sum() / total.clamp_min(1e-12)).item(),
-            "train/l0": (out.latents != 0).float().sum(dim=1).mean().item(),
+            "train/l0": out.l0().mean().item(),
             "train/dead_frac": dead_mask.float().mean().item(), "train/lr": lr, "train/sparsity_coef": coef,
         }
 
@@ -179,5 +179,6 @@ def sae_meta(cfg: TrainConfig, data: ActivationData, step: int, flops: int) -> d
     return {
         "sae": json.loads(json.dumps(dataclasses.asdict(cfg.sae), default=str)),
         "n_sources": len(data.sources), "d_in": data.train.shape[-1], "step": step, "flops": flops,
+        "weights_format": WEIGHTS_FORMAT,
         "input_scale": data.scale.tolist(), **data.meta(),
     }

@@ -40,7 +40,7 @@ def test_vanilla_loss_matches_hand_computation():
     sae = random_sae(VanillaSAEConfig(sparse_dim=5), n_sources=1, d_in=3)
     x = torch.randn(4, 1, 3)
     out = sae(x)
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc[0], sae.b_enc, sae.W_dec[:, 0], sae.b_dec[0]
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc[:, 0].t(), sae.b_enc, sae.W_dec[:, 0], sae.b_dec[0]
     mse_total, sparsity_total = 0.0, 0.0
     for row in x[:, 0]:
         f = torch.relu((row - b_dec) @ W_enc + b_enc)
@@ -62,7 +62,7 @@ def test_crosscoder_loss_matches_hand_computation():
     for row in x:
         pre = sae.b_enc.clone()
         for s in range(n_sources):
-            pre += (row[s] - sae.b_dec[s]) @ sae.W_enc[s]
+            pre += (row[s] - sae.b_dec[s]) @ sae.W_enc[:, s].t()
         f = torch.relu(pre)
         for s in range(n_sources):
             x_hat_s = f @ sae.W_dec[:, s] + sae.b_dec[s]
@@ -77,18 +77,18 @@ def test_one_source_crosscoder_is_the_plain_sae(cfg):
     """A plain SAE written with 2-D weights gives the same codes and reconstruction."""
     sae = random_sae(cfg, n_sources=1, d_in=5)
     x = torch.randn(7, 5)
-    W_enc, W_dec, b_enc, b_dec = sae.W_enc[0], sae.W_dec[:, 0], sae.b_enc, sae.b_dec[0]
+    W_enc, W_dec, b_enc, b_dec = sae.W_enc[:, 0].t(), sae.W_dec[:, 0], sae.b_enc, sae.b_dec[0]
     pre = (x - b_dec) @ W_enc + b_enc
     f = torch.relu(pre) if cfg.type == "vanilla" else naive_topk(pre, cfg.k)
     out = sae(x[:, None])
-    assert torch.allclose(out.latents, f, atol=1e-6)
+    assert torch.allclose(out.dense_latents(8), f, atol=1e-6)
     assert torch.allclose(out.x_hat[:, 0], f @ W_dec + b_dec, atol=1e-6)
 
 
 def test_init_ties_encoder_to_decoder_and_topk_decoder_rows_are_unit_norm():
     torch.manual_seed(0)
     sae = build_sae(TopKSAEConfig(sparse_dim=10, k=2), n_sources=2, d_in=3)
-    assert torch.allclose(sae.W_enc, sae.W_dec.permute(1, 2, 0))
+    assert torch.allclose(sae.W_enc, sae.W_dec)
     assert torch.allclose(sae.W_dec.flatten(1).norm(dim=1), torch.ones(10))
 
 
@@ -108,11 +108,10 @@ def test_auxk_is_zero_without_dead_latents_and_trains_only_dead_ones():
     cfg = TopKSAEConfig(sparse_dim=12, k=2, k_aux=4, aux_coef=1.0)
     sae = random_sae(cfg, n_sources=1, d_in=4)
     x = torch.randn(32, 1, 4)
-    no_dead = torch.zeros(12, dtype=torch.bool)
-    assert sae(x, no_dead).aux.item() == 0.0
+    assert sae(x, None).aux.item() == 0.0
     dead = torch.zeros(12, dtype=torch.bool)
     dead[[1, 5, 7]] = True
-    out = sae(x, dead)
+    out = sae(x, torch.tensor([1, 5, 7]))
     assert out.aux.item() > 0
     sae.zero_grad()
     out.aux.backward()
@@ -125,7 +124,7 @@ def test_auxk_matches_hand_computation():
     sae = random_sae(cfg, n_sources=1, d_in=3)
     x = torch.randn(8, 1, 3)
     dead = torch.tensor([False, True, True, True, False, False])
-    out = sae(x, dead)
+    out = sae(x, torch.tensor([1, 2, 3]))
     pre = sae.pre_activations(x)
     e = (x - out.x_hat)[:, 0]
     e_hat = torch.zeros_like(e)
@@ -155,3 +154,81 @@ def test_folding_the_input_scale_keeps_outputs_in_raw_units():
 def test_bad_sae_config_is_refused(keys, message):
     with pytest.raises(ValueError, match=message):
         TopKSAEConfig(**keys)
+
+
+def dense_topk_reference(params: dict, x: torch.Tensor, k: int, k_aux: int, aux_coef: float, sparsity_coef: float,
+                         dead: list[int]) -> torch.Tensor:
+    """The whole TopK loss written densely from the parameters: [batch, d_sae] latents, dense decode."""
+    W_enc, W_dec, b_enc, b_dec = params["W_enc"], params["W_dec"], params["b_enc"], params["b_dec"]
+    d_sae = W_enc.shape[0]
+    pre = (x - b_dec).flatten(1) @ W_enc.flatten(1).t() + b_enc
+    values, indices = pre.topk(k, dim=-1)
+    latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    x_hat = (latents @ W_dec.flatten(1)).view_as(x) + b_dec
+    loss = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+    loss = loss + sparsity_coef * (latents * W_dec.norm(dim=-1).sum(dim=1)).sum(dim=1).mean()
+    if dead:
+        mask = torch.zeros(d_sae, dtype=torch.bool)
+        mask[dead] = True
+        aux_values, aux_indices = pre.masked_fill(~mask, float("-inf")).topk(min(k_aux, len(dead)), dim=-1)
+        aux_latents = torch.zeros_like(pre).scatter(-1, aux_indices, aux_values.relu())
+        e = (x - x_hat).detach()
+        e_hat = (aux_latents @ W_dec.flatten(1)).view_as(e)
+        loss = loss + aux_coef * (e_hat - e).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
+    return loss
+
+
+@pytest.mark.parametrize("n_sources, dead, sparsity_coef", [
+    (1, [], 0.0), (1, [0, 3, 5, 9, 17, 30], 0.0), (3, [2, 4, 8, 11, 40], 0.0), (2, [], 0.1),
+])
+def test_sparse_topk_step_matches_the_dense_computation(n_sources, dead, sparsity_coef):
+    """Same loss and same gradients for every parameter (the kernels in sae/saes/sparse_ops.py)."""
+    cfg = TopKSAEConfig(sparse_dim=48, k=5, k_aux=4, aux_coef=0.5, sparsity_coef=sparsity_coef)
+    sae = random_sae(cfg, n_sources=n_sources, d_in=7, seed=3)
+    x = torch.randn(64, n_sources, 7)
+    out = sae(x, torch.tensor(dead) if dead else None)
+    assert out.indices is not None  # the sparse path ran
+    loss = out.mse + sparsity_coef * out.sparsity + out.aux
+    sae.zero_grad()
+    loss.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    params = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
+    reference = dense_topk_reference(params, x, cfg.k, cfg.k_aux, cfg.aux_coef, sparsity_coef, dead)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_path_records_fired_latents_and_l0_without_dense_codes():
+    sae = random_sae(TopKSAEConfig(sparse_dim=20, k=3), n_sources=1, d_in=5)
+    x = torch.randn(6, 1, 5)
+    out = sae(x)
+    dense = sae.encode(x)
+    assert out.latents.shape == (6, 3) and torch.equal(out.dense_latents(20), dense)
+    assert torch.equal(out.fired(20), (dense > 0).any(dim=0))
+    assert torch.equal(out.l0(), (dense != 0).sum(dim=1).float())
+
+
+def test_inputs_that_need_gradients_take_the_dense_path():
+    sae = random_sae(TopKSAEConfig(sparse_dim=20, k=3), n_sources=1, d_in=5)
+    x = torch.randn(6, 1, 5, requires_grad=True)
+    out = sae(x)
+    out.mse.backward()
+    assert out.indices is None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_session_one_checkpoints_with_the_old_encoder_layout_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from sae.saes import load
+
+    sae = random_sae(TopKSAEConfig(sparse_dim=8, k=2), n_sources=2, d_in=3)
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    state["W_enc"] = state["W_enc"].permute(1, 2, 0).contiguous()  # format 1: [n_sources, d_in, d_sae]
+    save_file(state, str(tmp_path / "sae.safetensors"))
+    (tmp_path / "sae.json").write_text(json.dumps({"sae": {"type": "topk", "sparse_dim": 8, "k": 2},
+                                                   "n_sources": 2, "d_in": 3}))
+    assert torch.equal(load(tmp_path).W_enc, sae.W_enc)

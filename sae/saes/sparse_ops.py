@@ -1,0 +1,133 @@
+"""Sparse kernels for TopK coders: after the top-k selection only the k active latents of each
+row do any work, in the forward and the backward pass.
+
+    topk_encode   pre = (x - b_dec) @ W_enc + b_enc is dense (every pre-activation is needed to
+                  pick the top k), then top-k + ReLU. Backward touches only the active entries:
+                  grad W_enc through a CSR [d_sae, batch] x [batch, D] product, grad b_enc by
+                  index_add, grad b_dec as -W_enc @ (grad b_enc) (a mat-vec: x is data and needs
+                  no gradient). Optionally also returns the pre-activations of a few extra columns
+                  (AuxK's dead latents) with their exact gradient.
+    sparse_decode x_hat = sum_j values_j * W_dec[index_j]: an embedding-bag gather, never the
+                  dense [batch, d_sae] x [d_sae, D] product; grad W_dec through the same CSR
+                  product, grad values as a sampled dense-dense product (CSR pattern).
+
+The one dense product per step is the encoder's forward matmul (a dense TopK step does six of
+that size). The CSR layout of the active entries is built once per step and shared by both
+backward passes. CPU and CUDA both have embedding_bag and CSR matmul.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+class ActiveLayout(NamedTuple):
+    """The active entries of a [batch, k] index matrix, grouped by latent (CSR of the transpose)."""
+
+    crow: torch.Tensor  # [d_sae + 1] start of each latent's entries
+    rows: torch.Tensor  # [batch * k] batch row of each entry, grouped by latent
+    order: torch.Tensor  # [batch * k] position of each entry in indices.flatten()
+    d_sae: int
+    batch: int
+
+
+def active_layout(indices: torch.Tensor, d_sae: int) -> ActiveLayout:
+    batch, k = indices.shape
+    flat = indices.flatten()
+    order = flat.argsort()  # any order within a latent gives the same sums up to rounding
+    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+    return ActiveLayout(crow, order // k, order, d_sae, batch)
+
+
+def _csr(layout: ActiveLayout, values_in_layout_order: torch.Tensor) -> torch.Tensor:
+    return torch.sparse_csr_tensor(layout.crow, layout.rows, values_in_layout_order,
+                                   size=(layout.d_sae, layout.batch), check_invariants=False)
+
+
+def active_outer(values: torch.Tensor, layout: ActiveLayout, dense: torch.Tensor) -> torch.Tensor:
+    """L^T @ dense for the latent matrix L ([batch, d_sae], `values` at the active entries):
+    [d_sae, D] at O(batch * k * D) cost."""
+    return torch.sparse.mm(_csr(layout, values.flatten()[layout.order].to(dense.dtype)), dense)
+
+
+def active_dots(W: torch.Tensor, dense: torch.Tensor, layout: ActiveLayout, shape: torch.Size) -> torch.Tensor:
+    """<W[i], dense[b]> for every active entry (b, i): [batch, k], as a sampled dense-dense product
+    (no [batch, k, D] gather)."""
+    pattern = _csr(layout, torch.zeros(len(layout.rows), dtype=dense.dtype, device=dense.device))
+    dots = torch.sparse.sampled_addmm(pattern, W.to(dense.dtype), dense.t(), beta=0.0).values()
+    out = torch.empty_like(dots)
+    out[layout.order] = dots
+    return out.view(shape)
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, aux_columns, layout_out: list):
+        """x: [B, D] data (no gradient); b_dec: [D]; W_enc: [D, d_sae] -> values [B, k] (ReLU'd),
+        indices [B, k], pre-activations of aux_columns [B, n_aux]. The active layout is appended
+        to layout_out for sparse_decode to reuse."""
+        pre = torch.addmm(b_enc, x - b_dec, W_enc)
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.relu()
+        pre_aux = pre.index_select(1, aux_columns)
+        layout = active_layout(indices, W_enc.shape[1])
+        layout_out.append(layout)
+        ctx.layout = layout
+        ctx.save_for_backward(x, b_dec, W_enc, values, indices, aux_columns)
+        ctx.mark_non_differentiable(indices)
+        return values, indices, pre_aux
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_pre_aux):
+        x, b_dec, W_enc, values, indices, aux_columns = ctx.saved_tensors
+        g = grad_values * (values > 0)  # through the ReLU
+        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
+        grad_b_enc.index_add_(0, indices.flatten(), g.flatten())
+        centred = x - b_dec
+        grad_W = active_outer(g, ctx.layout, centred)  # [d_sae, D]
+        if aux_columns.numel():
+            grad_W.index_add_(0, aux_columns, (centred.t() @ grad_pre_aux).t())
+            grad_b_enc.index_add_(0, aux_columns, grad_pre_aux.sum(0))
+        grad_b_dec = -(W_enc @ grad_b_enc.to(W_enc.dtype))  # d/d b_dec of sum over rows of (x - b_dec) @ W_enc
+        return None, grad_b_dec, grad_W.t(), grad_b_enc, None, None, None
+
+
+def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                aux_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ActiveLayout]:
+    """(values [B, k], indices [B, k], pre-activations of aux_columns [B, n_aux], active layout)."""
+    if aux_columns is None:
+        aux_columns = torch.zeros(0, dtype=torch.long, device=x.device)
+    layout_out: list[ActiveLayout] = []
+    values, indices, pre_aux = _TopKEncode.apply(x.detach(), b_dec, W_enc, b_enc, k, aux_columns, layout_out)
+    return values, indices, pre_aux, layout_out[0]
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, layout):
+        """values, indices: [B, k]; W_dec: [d_sae, D] -> [B, D]."""
+        ctx.layout = layout
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        layout = ctx.layout if ctx.layout is not None else active_layout(indices, W_dec.shape[0])
+        if ctx.needs_input_grad[0]:  # <W_dec[index], grad_out[row]> per active entry
+            grad_values = active_dots(W_dec, grad_out, layout, indices.shape).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = active_outer(values, layout, grad_out)
+        return grad_values, None, grad_W, None
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                  layout: ActiveLayout | None = None) -> torch.Tensor:
+    """[B, D] = sum_j values[:, j] * W_dec[indices[:, j]]; `layout` (from topk_encode) saves a sort."""
+    return _SparseDecode.apply(values, indices, W_dec, layout)
