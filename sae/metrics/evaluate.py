@@ -12,14 +12,14 @@ EVAL_CHUNK = 16384
 
 @torch.no_grad()
 def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_hat, l0 per row, fire counts per latent) in chunks, without keeping the latent matrix."""
+    """(x_hat, l0 per row, fire counts per latent) in chunks, through the training forward (sparse
+    for TopK), without keeping a [rows, d_sae] latent matrix."""
     x_hats, l0s, fire_counts = [], [], torch.zeros(sae.d_sae, device=x.device)
     for chunk in x.split(EVAL_CHUNK):
-        latents = sae.encode(chunk)
-        x_hats.append(sae.decode(latents))
-        active = latents != 0
-        l0s.append(active.sum(dim=1).float())
-        fire_counts += active.sum(dim=0)
+        out = sae(chunk)
+        x_hats.append(out.x_hat)
+        l0s.append(out.l0())
+        fire_counts += out.fire_counts(sae.d_sae)
     return torch.cat(x_hats), torch.cat(l0s), fire_counts
 
 

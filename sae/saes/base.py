@@ -63,12 +63,16 @@ class SAEOutput(NamedTuple):
             return self.latents
         return self.latents.new_zeros(len(self.latents), d_sae).scatter_(1, self.indices, self.latents)
 
-    def fired(self, d_sae: int) -> torch.Tensor:
-        """[d_sae] bool: latents that fired on some row of the batch (no host sync)."""
+    def fire_counts(self, d_sae: int) -> torch.Tensor:
+        """[d_sae] how many rows of the batch each latent fired on (no host sync)."""
         if self.indices is None:
-            return (self.latents > 0).any(dim=0)
+            return (self.latents > 0).sum(dim=0).float()
         counts = torch.zeros(d_sae, device=self.latents.device)
-        return counts.index_add_(0, self.indices.flatten(), (self.latents > 0).flatten().float()) > 0
+        return counts.index_add_(0, self.indices.flatten(), (self.latents > 0).flatten().float())
+
+    def fired(self, d_sae: int) -> torch.Tensor:
+        """[d_sae] bool: latents that fired on some row of the batch."""
+        return self.fire_counts(d_sae) > 0
 
 
 class SparseCoder(nn.Module):

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ class HostRecipe:
     beta2: float = 0.98
     warmup_steps: int = 10
     num_steps: int = 5000
+    batch_size: Optional[int] = None  # null = full batch (Nanda et al.); e.g. 512 = Power et al.'s minibatches
     eval_every: int = 10
     steps_after_grok: int | None = 100  # stop this many steps after grokking; null = all num_steps
     seed: int = 0
@@ -53,6 +55,8 @@ class HostRecipe:
             raise ValueError(
                 f"host_model.train.warmup_steps must be in [0, num_steps={self.num_steps}), got {self.warmup_steps}"
             )
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError(f"host_model.train.batch_size must be > 0 or null, got {self.batch_size}")
         if self.eval_every <= 0:
             raise ValueError(f"host_model.train.eval_every must be > 0, got {self.eval_every}")
         if self.grokfast_alpha is not None and not 0.0 < self.grokfast_alpha < 1.0:
@@ -66,6 +70,19 @@ def log_spaced_steps(num_steps: int) -> set[int]:
         steps.update(m * decade for m in (1, 2, 5) if m * decade <= num_steps)
         decade *= 10
     return steps
+
+
+def minibatches(n_rows: int, batch_size: int | None, seed: int, device: str) -> Iterator[torch.Tensor]:
+    """Row indices per step: every row (full batch), or shuffled epochs cut into batch_size pieces."""
+    if batch_size is None or batch_size >= n_rows:
+        everything = torch.arange(n_rows, device=device)
+        while True:
+            yield everything
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n_rows, generator=generator).to(device)
+        for start in range(0, n_rows - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
 
 
 def build_host(task: ModularTaskConfig, arch_keys: dict) -> GrokTransformer:
@@ -130,6 +147,7 @@ def run_host_training(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.warmup_steps))
     save_at = log_spaced_steps(recipe.num_steps)
     slow_gradients: dict[str, torch.Tensor] = {}
+    batches = minibatches(len(train_labels), recipe.batch_size, recipe.seed, device)
     history, checkpoints = [], []
     memorisation_step = grokking_step = None
     last_step = recipe.num_steps
@@ -158,7 +176,8 @@ def run_host_training(
                 checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})
         if step >= last_step:
             break
-        loss = F.cross_entropy(model(train_tokens), train_labels)
+        rows = next(batches)
+        loss = F.cross_entropy(model(train_tokens[rows]), train_labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grokfast_alpha is not None:

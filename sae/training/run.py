@@ -17,14 +17,10 @@ from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
 from sae.tracking import check_tracking, make_tracker, truncate_jsonl
 from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
 from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
-from sae.training.hardware import apply_threads, autocast, check_hardware, host_dtype
+from sae.training.hardware import apply_threads, check_hardware, host_dtype
 from sae.training.signals import deferred_stop_signals
+from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
-
-# The dead-latent set AuxK works on is refreshed (a host sync: its size decides the kernel
-# shapes) every this many steps, on a cadence fixed by the step alone, so results do not depend
-# on log_every and a resumed run (which restores the set) replays the same decisions.
-DEAD_CHECK_EVERY = 10
 
 # Keys a resumed run may change: they do not alter the trained weights.
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
@@ -71,28 +67,27 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, n_sources, d_in).to(device)
     sae.init_b_dec(data.train.mean(dim=0))
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = make_optimizer(sae.parameters(), cfg.lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)
-    tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device)
     step, flops = 0, 0
     if state is not None:
         sae.load_state_dict(state["sae"])
         optimizer.load_state_dict(state["optimizer"])
         batch_generator.set_state(state["batch_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
-        tokens_since_fired.copy_(state["tokens_since_fired"])
+        dead_latents.load(state)
         step, flops = state["step"], state["flops"]
         print(f"Resuming from {previous} (step {step}/{cfg.num_steps})", flush=True)
     forward = torch.compile(sae) if cfg.hardware.compile else sae
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
-    dead_latents = state["dead_latents"] if state is not None else None  # None: no latent is dead
 
     def save(at_step: int) -> None:
         train_state = {
             "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "tokens_since_fired": tokens_since_fired, "dead_latents": dead_latents,
+            **dead_latents.state(),
         }
         save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
                             config_dict(cfg), train_state)
@@ -108,27 +103,15 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
             rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
             x = data.train[rows]
-            with autocast(cfg.hardware):
-                out = forward(x, dead_latents)  # AuxK adds exactly 0 with none dead
-            loss = out.mse + coef * out.sparsity + out.aux
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_optimizer_step()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            sae.after_optimizer_step()
-            fired = out.fired(sae.d_sae)
-            tokens_since_fired.add_(cfg.batch_size).masked_fill_(fired, 0)
+            out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
+                                          cfg.hardware)
             step, flops = step + 1, flops + step_flops
+            dead_latents.update(out, cfg.batch_size, step)
             progress.update(1)
-            if step % DEAD_CHECK_EVERY == 0:
-                dead = torch.nonzero(tokens_since_fired > cfg.sae.dead_window).flatten()
-                dead_latents = dead if dead.numel() else None
 
             # -- logging, eval and checkpoints at their intervals --
             if step % cfg.log_every == 0 or step == cfg.num_steps:
-                metrics = train_metrics(out, x, loss, lr, coef, tokens_since_fired > cfg.sae.dead_window)
+                metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")

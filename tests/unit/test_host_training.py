@@ -45,3 +45,15 @@ def test_host_run_records_checkpoints_with_accuracies(tmp_path):
 def test_bad_recipe_is_refused(keys, message):
     with pytest.raises(ValueError, match=message):
         HostRecipe(**keys)
+
+
+def test_minibatches_cover_every_row_once_per_epoch_and_full_batch_is_every_row():
+    from sae.training.host import minibatches
+
+    stream = minibatches(10, 3, seed=0, device="cpu")
+    epoch = torch.cat([next(stream) for _ in range(3)])  # 3 batches of 3; the last row waits for the next epoch
+    assert len(set(epoch.tolist())) == 9
+    assert torch.equal(next(minibatches(10, None, seed=0, device="cpu")), torch.arange(10))
+    assert torch.equal(next(minibatches(10, 64, seed=0, device="cpu")), torch.arange(10))
+    with pytest.raises(ValueError, match="host_model.train.batch_size must be > 0 or null"):
+        HostRecipe(batch_size=0)

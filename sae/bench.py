@@ -1,0 +1,293 @@
+"""SAE training benchmark: speed and dictionary quality, ours against a plain dense TopK reference.
+
+    python scripts/benchmark.py                          # both default sizes, all implementations
+    python scripts/benchmark.py --sizes 128,2048,16 --tokens 2e6 --impls topk,dense_topk
+
+Data: synthetic activations with a known dictionary in superposition (Sharkey et al. 2022):
+n_true = sparse_dim x --true-features (default 1) random unit features in d_in dimensions, each token a sum of k/2 of them
+(chosen uniformly) with magnitudes U(0, 1), plus 1% Gaussian noise, scaled so E||x||^2 = d_in.
+Every implementation trains on the same tokens, one pass, with the same recipe as scripts/train.py
+(fused AdamW, gradient clipping at 1.0, lr, batch).
+
+Each (implementation, size) runs in a fresh process, so peak memory is its own: peak RSS on
+CPU, torch.cuda.max_memory_allocated on CUDA. Tokens/s is the median over timed segments of
+SEGMENT_STEPS steps after WARMUP_STEPS steps. Quality on 2^16 held-out tokens: FVU, L0, dead
+fraction (latents that never fire), and against the true features: mean over true features of
+the max cosine with any decoder row, and the fraction recovered (max cosine > 0.9).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sae.saes import build_sae
+from sae.saes.base import SAEOutput
+from sae.saes.topk import TopKSAEConfig
+from sae.saes.vanilla import VanillaSAEConfig
+from sae.training.hardware import DType, HardwareConfig
+from sae.training.schedules import sparsity_coef_at
+from sae.training.step import DeadLatents, make_optimizer, optimisation_step
+
+GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
+WARMUP_STEPS = 3
+SEGMENT_STEPS = 4
+EVAL_TOKENS = 1 << 16
+DEFAULT_SIZES = ((128, 2048, 16), (512, 16384, 32))
+IMPLEMENTATIONS = ("topk", "dense_topk", "vanilla")
+
+
+class DenseTopKReference(nn.Module):
+    """A plain dense PyTorch TopK SAE, the way most code writes it: [batch, d_sae] codes, dense
+    decode, autograd through everything. Same recipe as ours (tied init, unit-norm decoder rows with
+    the parallel gradient removed, AuxK on dead latents) so quality compares like with like."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, k_aux: int, aux_coef: float) -> None:
+        super().__init__()
+        self.d_sae, self.k, self.k_aux, self.aux_coef = d_sae, k, k_aux, aux_coef
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+        x = x[:, 0]
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        x_hat = latents @ self.W_dec + self.b_dec
+        mse = (x_hat - x).pow(2).sum(dim=1).mean()
+        aux = x.new_zeros(())
+        if dead_latents is not None:
+            dead = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+            dead[dead_latents] = True
+            aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(
+                min(self.k_aux, dead_latents.numel()), dim=-1, sorted=False)
+            e = (x - x_hat).detach()
+            e_hat = torch.zeros_like(pre).scatter(-1, aux_indices, aux_values.relu()) @ self.W_dec
+            aux = self.aux_coef * (e_hat - e).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return SAEOutput(x_hat[:, None], latents, mse, x.new_zeros(()), aux)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        W_unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.grad -= (self.W_dec.grad * W_unit).sum(dim=1, keepdim=True) * W_unit
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    def decoder_rows(self) -> torch.Tensor:
+        return self.W_dec
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).latents
+
+
+@dataclass
+class Case:
+    impl: str
+    d_in: int
+    d_sae: int
+    k: int
+    batch: int
+    tokens: int
+    lr: float
+    device: str
+    threads: int
+    dtype: str
+    true_features: float = 1.0  # ground-truth features per latent
+    seed: int = 0
+
+
+def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, d_in], true features [n_true, d_in]) from one seed."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_true, d_in, generator=generator)
+    features /= features.norm(dim=1, keepdim=True)
+    chunks = []
+    for start in range(0, n, 1 << 16):
+        m = min(1 << 16, n - start)
+        indices = torch.randint(n_true, (m, k_true), generator=generator)
+        magnitudes = torch.rand(m, k_true, generator=generator)
+        x = F.embedding_bag(indices, features, per_sample_weights=magnitudes, mode="sum")
+        chunks.append(x + 0.01 * torch.randn(m, d_in, generator=generator))
+    x = torch.cat(chunks)
+    return x * (d_in / x.pow(2).sum(dim=1).mean()).sqrt(), features
+
+
+def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
+    if case.impl == "dense_topk":
+        return DenseTopKReference(case.d_in, case.d_sae, case.k, k_aux, 1 / 32)
+    if case.impl == "topk":
+        cfg = TopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+    else:
+        cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_warmup_steps=n_steps // 10)
+    return build_sae(cfg, 1, case.d_in)
+
+
+def decoder_rows(sae: nn.Module) -> torch.Tensor:
+    return sae.decoder_rows() if isinstance(sae, DenseTopKReference) else sae.W_dec[:, 0]
+
+
+@torch.no_grad()
+def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
+    x_hat, l0, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool, device=x_eval.device)
+    for chunk in x_eval.split(4096):
+        latents = sae.encode(chunk[:, None])
+        x_hat.append(latents @ decoder_rows(sae) + (sae.b_dec if sae.b_dec.dim() == 1 else sae.b_dec[0]))
+        l0.append((latents != 0).sum(dim=1).float())
+        fired |= (latents > 0).any(dim=0)
+    x_hat = torch.cat(x_hat)
+    rows = F.normalize(decoder_rows(sae).float(), dim=1)
+    best_cos = (features.to(rows.device) @ rows.t()).amax(dim=1)
+    return {
+        "fvu": ((x_hat - x_eval).pow(2).sum() / (x_eval - x_eval.mean(dim=0)).pow(2).sum()).item(),
+        "l0": torch.cat(l0).mean().item(),
+        "dead_frac": 1 - fired.float().mean().item(),
+        "mean_max_cos": best_cos.mean().item(),
+        "recovered": (best_cos > 0.9).float().mean().item(),
+    }
+
+
+def run_case(case: Case) -> dict:
+    """Train one implementation at one size; runs in its own process."""
+    torch.set_num_threads(case.threads)
+    device = torch.device(case.device)
+    n_train = case.tokens // case.batch * case.batch
+    n_true = max(1, round(case.true_features * case.d_sae))
+    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n_train + EVAL_TOKENS, case.seed)
+    x = x.to(device)
+    train, x_eval = x[:n_train], x[n_train:]
+    torch.manual_seed(case.seed)
+    k_aux = min(512, case.d_in // 2 * 2)
+    n_steps = n_train // case.batch
+    sae = build(case, k_aux, n_steps).to(device)
+    with torch.no_grad():
+        sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
+    optimizer = make_optimizer(sae.parameters(), case.lr)
+    hardware = HardwareConfig(dtype=DType(case.dtype))
+    dead = DeadLatents(case.d_sae, window=max(1, n_train // 8), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    segments, started = [], None
+    for step in range(n_steps):
+        if step >= WARMUP_STEPS and (step - WARMUP_STEPS) % SEGMENT_STEPS == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if started is not None:
+                segments.append(now - started)
+            started = now
+        batch = train[step * case.batch:(step + 1) * case.batch, None]
+        coef = sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps) if case.impl == "vanilla" else 0.0
+        out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, GRAD_CLIP, hardware)
+        dead.update(out, case.batch, step + 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if started is not None and (n_steps - WARMUP_STEPS) % SEGMENT_STEPS == 0:
+        segments.append(time.perf_counter() - started)
+    if not segments:
+        raise ValueError(f"--tokens too small: need at least {(WARMUP_STEPS + SEGMENT_STEPS) * case.batch} tokens")
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    floor_tokens_per_s, gemm_gflops = encoder_matmul_floor(case, device)
+    return {**case.__dict__, "steps": n_steps, "tokens_per_s": SEGMENT_STEPS * case.batch / statistics.median(segments),
+            "peak_memory_gib": peak / 2**30, "floor_tokens_per_s": floor_tokens_per_s, "gemm_gflops": gemm_gflops,
+            **quality(sae, x_eval, features)}
+
+
+def _worker(case: Case, queue) -> None:
+    queue.put(run_case(case))
+
+
+def run_isolated(case: Case) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_worker, args=(case, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def encoder_matmul_floor(case: Case, device: torch.device) -> tuple[float, float]:
+    """(tokens/s, GFLOP/s) of the [batch, d_in] x [d_in, d_sae] encoder matmul alone, measured here:
+    the one dense product a TopK step cannot skip, so an upper bound on a TopK step's speed."""
+    x = torch.randn(case.batch, case.d_in, device=device)
+    W = torch.randn(case.d_sae, case.d_in, device=device)
+    times = []
+    for repeat in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x @ W.t()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if repeat:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return case.batch / seconds, 2 * case.batch * case.d_in * case.d_sae / seconds / 1e9
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| size (d_in, d_sae, k) | impl | tokens/s | vs dense | encoder-matmul floor (tokens/s, GFLOP/s) | "
+             "peak mem (GiB) | FVU | L0 | dead | mean max cos | recovered |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    dense = {(r["d_in"], r["d_sae"], r["k"]): r["tokens_per_s"] for r in results if r["impl"] == "dense_topk"}
+    for r in results:
+        size = (r["d_in"], r["d_sae"], r["k"])
+        ratio = f"{r['tokens_per_s'] / dense[size]:.2f}x" if size in dense else "-"
+        lines.append(f"| {size} | {r['impl']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{r['floor_tokens_per_s']:,.0f} ({r['gemm_gflops']:.0f}) | {r['peak_memory_gib']:.2f} | "
+                     f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | {r['mean_max_cos']:.3f} | {r['recovered']:.1%} |")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3 or min(parts) <= 0 or parts[2] > parts[1]:
+        raise argparse.ArgumentTypeError(f"--sizes entries are d_in,d_sae,k with 0 < k <= d_sae, got '{text}'")
+    return tuple(parts)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="SAE training speed and quality, ours vs a dense TopK reference")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES), help="d_in,d_sae,k ...")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--tokens", type=float, default=2**19, help="training tokens per run (one pass)")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=[d.value for d in DType])
+    parser.add_argument("--true-features", type=float, default=1.0, help="ground-truth features per latent")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if unknown:
+        parser.error(f"--impls: unknown {sorted(unknown)}, expected some of {list(IMPLEMENTATIONS)}")
+    results = []
+    for d_in, d_sae, k in args.sizes:
+        for impl in impls:
+            case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
+                        args.dtype, args.true_features)
+            results.append(run_isolated(case))
+            print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
+                  f"FVU {results[-1]['fvu']:.4f}", flush=True)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return results

@@ -1,0 +1,51 @@
+"""The training benchmark: synthetic data with known features, and ours vs the dense reference."""
+import pytest
+import torch
+
+from sae.bench import Case, DenseTopKReference, main, quality, run_case, synthetic_activations
+
+
+def test_synthetic_activations_are_normalised_sums_of_unit_features():
+    x, features = synthetic_activations(d_in=16, n_true=40, k_true=3, n=5000, seed=0)
+    assert x.shape == (5000, 16) and features.shape == (40, 16)
+    assert torch.allclose(features.norm(dim=1), torch.ones(40))
+    assert x.pow(2).sum(dim=1).mean().item() == pytest.approx(16, rel=1e-4)
+    again, _ = synthetic_activations(d_in=16, n_true=40, k_true=3, n=5000, seed=0)
+    assert torch.equal(x, again)
+
+
+def test_quality_recovers_a_dictionary_that_holds_the_true_features():
+    x, features = synthetic_activations(d_in=16, n_true=20, k_true=2, n=2000, seed=1)
+    sae = DenseTopKReference(16, 24, k=2, k_aux=4, aux_coef=0.0)
+    with torch.no_grad():
+        sae.W_dec[:20] = features
+        sae.W_dec[20:] = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    scores = quality(sae, x, features)
+    assert scores["recovered"] == 1.0 and scores["mean_max_cos"] == pytest.approx(1.0)
+    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(24, 16), dim=1)
+    assert quality(sae, x, features)["recovered"] < 0.5
+
+
+def test_sparse_topk_trains_like_the_dense_reference():
+    """Same init, same data, same recipe: the sparse kernels follow the dense reference's trajectory."""
+    common = dict(d_in=16, d_sae=64, k=4, batch=256, tokens=256 * 24, lr=3e-3, device="cpu", threads=1,
+                  dtype="float32")
+    ours, dense = run_case(Case("topk", **common)), run_case(Case("dense_topk", **common))
+    assert ours["steps"] == dense["steps"] == 24 and ours["tokens_per_s"] > 0
+    for key in ("fvu", "l0", "mean_max_cos"):
+        assert ours[key] == pytest.approx(dense[key], rel=1e-3, abs=1e-4), key
+    assert ours["fvu"] < 0.9
+
+
+def test_command_line_runs_each_implementation_in_its_own_process(tmp_path, capsys):
+    results = main(["--sizes", "8,32,2", "--tokens", "4096", "--batch", "256", "--threads", "1",
+                    "--json", str(tmp_path / "r.json")])
+    assert [r["impl"] for r in results] == ["topk", "dense_topk", "vanilla"]
+    assert "| (8, 32, 2) | topk |" in capsys.readouterr().out and (tmp_path / "r.json").is_file()
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        main(["--sizes", "8,32,64"])
+    with pytest.raises(SystemExit):
+        main(["--impls", "topk,sparsify"])
