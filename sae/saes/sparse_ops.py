@@ -85,12 +85,14 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_pre_aux):
         x, b_dec, W_enc, values, indices, aux_columns = ctx.saved_tensors
-        g = grad_values * (values > 0)  # through the ReLU
+        # under autocast the forward ran in low precision; the weight gradients are computed in theirs
+        g = (grad_values * (values > 0)).to(W_enc.dtype)  # through the ReLU
+        grad_pre_aux = grad_pre_aux.to(W_enc.dtype) if grad_pre_aux is not None else None
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
         grad_b_enc.index_add_(0, indices.flatten(), g.flatten())
         centred = x - b_dec
         grad_W = active_outer(g, ctx.layout, centred)  # [d_sae, D]
-        if aux_columns.numel():
+        if aux_columns.numel() and grad_pre_aux is not None:
             grad_W.index_add_(0, aux_columns, (centred.t() @ grad_pre_aux).t())
             grad_b_enc.index_add_(0, aux_columns, grad_pre_aux.sum(0))
         grad_b_dec = -(W_enc @ grad_b_enc.to(W_enc.dtype))  # d/d b_dec of sum over rows of (x - b_dec) @ W_enc
@@ -118,6 +120,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, W_dec = ctx.saved_tensors
+        grad_out = grad_out.to(W_dec.dtype)
         grad_values = grad_W = None
         layout = ctx.layout if ctx.layout is not None else active_layout(indices, W_dec.shape[0])
         if ctx.needs_input_grad[0]:  # <W_dec[index], grad_out[row]> per active entry
