@@ -38,6 +38,7 @@ from sae.training.schedules import sparsity_coef_at
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
+VANILLA_COEF = 1.0  # L1 coefficient for this data (sae=vanilla defaults to 5 on host activations); not tuned to TopK's L0
 WARMUP_STEPS = 3
 SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
@@ -107,6 +108,7 @@ class Case:
     threads: int
     dtype: str
     true_features: float = 1.0  # ground-truth features per latent
+    vanilla_coef: float = VANILLA_COEF
     seed: int = 0
 
 
@@ -132,7 +134,7 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
     if case.impl == "topk":
         cfg = TopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
     else:
-        cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_warmup_steps=n_steps // 10)
+        cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef, sparsity_warmup_steps=n_steps // 10)
     return build_sae(cfg, 1, case.d_in)
 
 
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=[d.value for d in DType])
     parser.add_argument("--true-features", type=float, default=1.0, help="ground-truth features per latent")
+    parser.add_argument("--vanilla-coef", type=float, default=VANILLA_COEF, help="the vanilla SAE's L1 coefficient")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for d_in, d_sae, k in args.sizes:
         for impl in impls:
             case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
-                        args.dtype, args.true_features)
+                        args.dtype, args.true_features, args.vanilla_coef)
             results.append(run_isolated(case))
             print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
                   f"FVU {results[-1]['fvu']:.4f}", flush=True)

@@ -1,0 +1,111 @@
+"""Analysis library: latent tables, Fourier view, model diffing; against brute-force references."""
+import math
+
+import pytest
+import torch
+
+from sae.analysis.diffing import (decoder_cosines, exclusivity_check, plot_relative_norms, relative_decoder_norms,
+                                  split_latents)
+from sae.analysis.fourier import dominant_frequencies, grid_power, key_frequencies
+from sae.analysis.latents import firing_frequency, latent_grid, top_activating
+from sae.errors import UserInputError
+from sae.host_models.config import TokenPositions
+from sae.saes import build_sae
+from sae.saes.topk import TopKSAEConfig
+from sae.saes.vanilla import VanillaSAEConfig
+from sae.tasks.modular import Operation
+from sae.training.activations import load_activation_data
+from tests.conftest import TINY_P, tiny_host, tiny_task
+
+
+@pytest.fixture(scope="module")
+def mixed_data(host_cache):
+    task = tiny_task(name="mixed", operations=[Operation.addition, Operation.division])
+    return load_activation_data(task, tiny_host(host_cache), normalize=False, device="cpu")
+
+
+def test_latent_grid_holds_each_pairs_codes_at_its_a_and_b(mixed_data):
+    torch.manual_seed(0)
+    sae = build_sae(TopKSAEConfig(sparse_dim=16, k=3), 1, mixed_data.train.shape[-1])
+    grid = latent_grid(sae, mixed_data)
+    p = TINY_P
+    assert grid.values.shape == (2, p, p, 16)
+    assert int(grid.exists[0].sum()) == p * p and int(grid.exists[1].sum()) == p * (p - 1)  # b = 0 has no division
+    assert not grid.exists[1, :, 0].any()
+    dataset = mixed_data.dataset
+    tokens = dataset.tokens[~dataset.is_train][5]  # a held-out pair, found through the dataset
+    op = int(dataset.op_ids[~dataset.is_train][5])
+    expected = sae.encode(mixed_data.test[5:6])[0]
+    torch.testing.assert_close(grid.values[op, tokens[0], tokens[2]], expected.detach(), rtol=0, atol=1e-6)
+    assert not grid.is_train[op, tokens[0], tokens[2]]
+    assert int(grid.is_train.sum()) == int(dataset.is_train.sum())
+
+
+def test_firing_frequency_and_top_inputs_match_brute_force(mixed_data):
+    torch.manual_seed(1)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=8), 1, mixed_data.train.shape[-1])
+    grid = latent_grid(sae, mixed_data)
+    freq = firing_frequency(grid, "test")
+    for op in range(2):
+        mask = grid.exists[op] & ~grid.is_train[op]
+        for latent in range(8):
+            brute = sum(1 for a in range(TINY_P) for b in range(TINY_P)
+                        if mask[a, b] and grid.values[op, a, b, latent] > 0) / int(mask.sum())
+            assert freq[op, latent].item() == pytest.approx(brute)
+    top = top_activating(grid, latent=3, n=4)
+    values = [row["value"] for row in top]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == grid.values[..., 3].masked_fill(~grid.exists, -1e9).max().item()
+    assert top[0]["op"] in ("addition", "division")
+
+
+def test_latent_grid_refuses_data_from_all_positions(mixed_data):
+    import dataclasses
+
+    all_positions = dataclasses.replace(mixed_data, positions=TokenPositions.all)
+    sae = build_sae(TopKSAEConfig(sparse_dim=8, k=2), 1, mixed_data.train.shape[-1])
+    with pytest.raises(UserInputError, match="token_positions=answer"):
+        latent_grid(sae, all_positions)
+
+
+def test_fourier_finds_the_frequency_of_a_periodic_grid():
+    p, k = 23, 5
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    grid = torch.cos(2 * math.pi * k * (a + b) / p) + 3.0
+    power = grid_power(grid)
+    assert power.sum().item() == pytest.approx(1.0)
+    (ka, kb, share), *_ = dominant_frequencies(power)
+    assert (ka, kb) == (k, k) and share == pytest.approx(1.0, abs=1e-6)
+    assert grid_power(torch.ones(p, p)).sum().item() == 0.0
+
+
+def test_key_frequencies_of_an_embedding_built_from_two_frequencies():
+    p, d = 23, 16
+    n = torch.arange(p)[:, None].double()
+    W_E = torch.cat([torch.cos(2 * math.pi * 3 * n / p), torch.sin(2 * math.pi * 3 * n / p),
+                     0.7 * torch.cos(2 * math.pi * 7 * n / p), torch.zeros(p, d - 3)], dim=1)
+    assert key_frequencies(W_E) == [3, 7]
+
+
+def crosscoder_with_norms(norms: list[tuple[float, float]]):
+    sae = build_sae(TopKSAEConfig(sparse_dim=len(norms), k=1), n_sources=2, d_in=4)
+    with torch.no_grad():
+        direction = torch.nn.functional.normalize(torch.randn(len(norms), 4), dim=-1)
+        for i, (pre, post) in enumerate(norms):
+            sae.W_dec[i, 0], sae.W_dec[i, 1] = pre * direction[i], post * direction[i]
+    return sae
+
+
+def test_relative_decoder_norms_split_and_cosines(tmp_path):
+    sae = crosscoder_with_norms([(1.0, 0.0), (1.0, 1.0), (0.1, 0.9), (0.6, 0.4)])
+    r = relative_decoder_norms(sae)
+    assert torch.allclose(r, torch.tensor([0.0, 0.5, 0.9, 0.4]))
+    groups = split_latents(r)
+    assert groups["pre_only"].tolist() == [0] and groups["shared"].tolist() == [1, 3]
+    assert groups["post_only"].tolist() == [2]
+    assert torch.allclose(decoder_cosines(sae, groups["shared"]), torch.ones(2))
+    report = exclusivity_check(sae, crosscoder_with_norms([(1.0, 1.0)] * 4))
+    assert report["l1/shared"] == 0.5 and report["topk/shared"] == 1.0
+    assert plot_relative_norms(r, tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="needs a crosscoder"):
+        relative_decoder_norms(build_sae(TopKSAEConfig(sparse_dim=4, k=1), 1, 4))
