@@ -109,3 +109,28 @@ def test_relative_decoder_norms_split_and_cosines(tmp_path):
     assert plot_relative_norms(r, tmp_path / "r.png").stat().st_size > 0
     with pytest.raises(ValueError, match="needs a crosscoder"):
         relative_decoder_norms(build_sae(TopKSAEConfig(sparse_dim=4, k=1), 1, 4))
+
+
+def test_clamping_moves_x_along_the_decoder_and_an_empty_clamp_changes_nothing(mixed_data):
+    from sae.analysis.steering import clamp_replacement, random_control, steered_metrics
+    from sae.metrics.downstream import answer_losses
+
+    torch.manual_seed(2)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=12), 1, mixed_data.train.shape[-1])
+    x = mixed_data.test[:50]
+    assert torch.equal(clamp_replacement(sae, x, torch.tensor([], dtype=torch.long), 5.0), x)
+    f = sae.encode(x)
+    moved = clamp_replacement(sae, x, torch.tensor([4]), 3.0)
+    expected = x + (3.0 - f[:, 4])[:, None, None] * sae.W_dec[4][None].detach()
+    torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
+
+    clean = steered_metrics(sae, mixed_data, torch.tensor([], dtype=torch.long), 0.0)
+    tokens, labels = mixed_data.dataset.test
+    _, correct = answer_losses(mixed_data.sources[0].model, tokens, labels)
+    assert clean["test/acc"] == pytest.approx(correct.mean().item())
+    assert {"test/acc_addition", "test/acc_division", "train/ce"} <= set(clean)
+    steered = steered_metrics(sae, mixed_data, torch.arange(12), 50.0)
+    assert steered["test/ce"] > clean["test/ce"]
+
+    control = random_control(12, torch.tensor([1, 2, 3]), seed=0)
+    assert len(control) == 3 and not set(control.tolist()) & {1, 2, 3}
