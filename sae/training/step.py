@@ -63,5 +63,8 @@ class DeadLatents:
 
     def load(self, state: dict) -> None:
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        dead = state["dead_latents"]
-        self.dead = dead.to(self.tokens_since_fired.device) if dead is not None else None
+        if "dead_latents" in state:
+            dead = state["dead_latents"]
+        else:  # a session-1 checkpoint kept only whether any latent was dead: rebuild the set
+            dead = torch.nonzero(self.mask()).flatten().cpu() if state.get("any_dead") else None
+        self.dead = dead.to(self.tokens_since_fired.device) if dead is not None and dead.numel() else None

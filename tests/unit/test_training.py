@@ -189,3 +189,18 @@ def test_logging_intervals_do_not_change_the_weights(tmp_path, host_cache):
     run_training(tiny_train_config(host_cache, sae=sae_cfg, num_steps=60, log_every=10, eval_every=60), tmp_path / "b")
     first, second = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_dead_latent_state_round_trips_and_old_checkpoints_rebuild_the_set():
+    from sae.training.step import DeadLatents
+
+    tracker = DeadLatents(d_sae=5, window=10, device="cpu")
+    tracker.tokens_since_fired.copy_(torch.tensor([0, 20, 5, 11, 0]))
+    restored = DeadLatents(d_sae=5, window=10, device="cpu")
+    restored.load({"tokens_since_fired": tracker.tokens_since_fired, "dead_latents": torch.tensor([1, 3])})
+    assert restored.dead.tolist() == [1, 3]
+    old = DeadLatents(d_sae=5, window=10, device="cpu")
+    old.load({"tokens_since_fired": tracker.tokens_since_fired, "any_dead": True})
+    assert old.dead.tolist() == [1, 3]
+    old.load({"tokens_since_fired": torch.zeros(5, dtype=torch.long), "any_dead": False})
+    assert old.dead is None
