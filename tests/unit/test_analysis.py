@@ -134,3 +134,26 @@ def test_clamping_moves_x_along_the_decoder_and_an_empty_clamp_changes_nothing(m
 
     control = random_control(12, torch.tensor([1, 2, 3]), seed=0)
     assert len(control) == 3 and not set(control.tolist()) & {1, 2, 3}
+
+
+def test_ablation_attribution_matches_a_brute_force_loop(mixed_data):
+    from sae.analysis.attribution import ablation_attribution, latent_codes
+    from sae.tasks.modular import op_token
+
+    torch.manual_seed(3)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=6), 1, mixed_data.train.shape[-1])
+    tokens = mixed_data.dataset.tokens[:3]
+    latents = torch.tensor([0, 4])
+    attribution = ablation_attribution(sae, mixed_data, tokens, latents)
+    assert attribution.shape == (3, 3, 2)
+    row, latent = 1, 4
+    base = latent_codes(sae, mixed_data, tokens[row:row + 1])[0, latent]
+    ops = [op_token(TINY_P, op) for op in mixed_data.dataset.operations]
+    for position, candidates in ((0, range(TINY_P)), (1, ops), (2, range(TINY_P))):
+        total = 0.0
+        for candidate in candidates:
+            variant = tokens[row:row + 1].clone()
+            variant[0, position] = candidate
+            total += latent_codes(sae, mixed_data, variant)[0, latent].item()
+        expected = base.item() - total / len(candidates)
+        assert attribution[row, position, 1].item() == pytest.approx(expected, abs=1e-5)
