@@ -49,3 +49,35 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
         for index, op in enumerate(data.dataset.operations):
             metrics[f"{split}/acc_{op.value}"] = correct[op_ids == index].mean().item()
     return metrics
+
+
+def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all_positions: bool = False):
+    """A GrokTransformer hook ([batch, seq, d] -> same) that splices in the clamp of a frozen one-source
+    SAE at the answer position (or every position). scale: the SAE's input scale (1 for a saved SAE,
+    whose weights take raw activations). Gradients flow through the clamp into the host."""
+    if sae.n_sources != 1:
+        raise ValueError(f"clamping during host training needs a one-source SAE; this one has {sae.n_sources}")
+    for param in sae.parameters():
+        param.requires_grad_(False)
+
+    def clamp(resid: torch.Tensor) -> torch.Tensor:
+        rows = resid if all_positions else resid[:, -1:]
+        x = rows.reshape(-1, 1, rows.shape[-1]) * scale
+        f = sae.encode(x)
+        delta = torch.zeros_like(f)
+        delta[:, latents] = value - f[:, latents]
+        clamped = rows + (delta @ sae.W_dec.flatten(1)).view_as(rows) / scale
+        return clamped if all_positions else torch.cat([resid[:, :-1], clamped], dim=1)
+
+    return clamp
+
+
+def train_host_with_clamp(task, arch_keys: dict, recipe, run_dir, sae, hook: str, latents: torch.Tensor,
+                          value: float, device: str = "cpu") -> dict:
+    """Train a host from scratch with `latents` clamped at `hook` throughout; returns its summary
+    (memorisation / grokking steps, curves). Compare with the same call on random_control latents."""
+    from sae.tracking.base import NullTracker
+    from sae.training.host import run_host_training
+
+    hooks = {hook: clamp_hook(sae.to(device), latents.to(device), value)}
+    return run_host_training(task, arch_keys, recipe, run_dir, NullTracker(), device=device, quiet=True, hooks=hooks)

@@ -91,9 +91,9 @@ def build_host(task: ModularTaskConfig, arch_keys: dict) -> GrokTransformer:
 
 
 @torch.no_grad()
-def evaluate_host(model: GrokTransformer, data: ModularDataset) -> dict[str, float]:
+def evaluate_host(model: GrokTransformer, data: ModularDataset, hooks=None) -> dict[str, float]:
     """Loss and accuracy on train and test pairs, and test accuracy per operation."""
-    logits = model(data.tokens)
+    logits = model(data.tokens, hooks)
     losses = F.cross_entropy(logits, data.labels, reduction="none")
     correct = (logits.argmax(-1) == data.labels).float()
     metrics = {}
@@ -131,9 +131,11 @@ def save_host_checkpoint(model: GrokTransformer, path: Path) -> None:
 
 def run_host_training(
     task: ModularTaskConfig, arch_keys: dict, recipe: HostRecipe, run_dir: Path, tracker: Tracker,
-    device: str = "cpu", quiet: bool = False,
+    device: str = "cpu", quiet: bool = False, hooks=None,
 ) -> dict:
-    """Train to grokking (or num_steps); returns the summary that is also written to summary.json."""
+    """Train to grokking (or num_steps); returns the summary that is also written to summary.json.
+    hooks: {hookpoint name: fn} applied in every forward, training and evaluation (e.g. a frozen
+    SAE with clamped latents spliced in, sae.analysis.steering.clamp_hook)."""
     run_dir = Path(run_dir)
     torch.manual_seed(recipe.seed)
     data = build_dataset(task)
@@ -156,7 +158,7 @@ def run_host_training(
         is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps
         if is_eval:
             model.eval()
-            metrics = evaluate_host(model, data)
+            metrics = evaluate_host(model, data, hooks)
             model.train()
             history.append({"step": step, **metrics})
             tracker.log(metrics, step)
@@ -177,7 +179,7 @@ def run_host_training(
         if step >= last_step:
             break
         rows = next(batches)
-        loss = F.cross_entropy(model(train_tokens[rows]), train_labels[rows])
+        loss = F.cross_entropy(model(train_tokens[rows], hooks), train_labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grokfast_alpha is not None:

@@ -157,3 +157,36 @@ def test_ablation_attribution_matches_a_brute_force_loop(mixed_data):
             total += latent_codes(sae, mixed_data, variant)[0, latent].item()
         expected = base.item() - total / len(candidates)
         assert attribution[row, position, 1].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_clamp_hook_edits_only_the_answer_position_and_needs_one_source():
+    from sae.analysis.steering import clamp_hook
+
+    torch.manual_seed(4)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=6), 1, 8)
+    resid = torch.randn(5, 4, 8)
+    assert torch.equal(clamp_hook(sae, torch.tensor([], dtype=torch.long), 1.0)(resid), resid)
+    out = clamp_hook(sae, torch.tensor([2]), 4.0)(resid)
+    assert torch.equal(out[:, :-1], resid[:, :-1]) and not torch.allclose(out[:, -1], resid[:, -1])
+    f = sae.encode(resid[:, -1:].reshape(5, 1, 8))
+    torch.testing.assert_close(out[:, -1], resid[:, -1] + (4.0 - f[:, 2])[:, None] * sae.W_dec[2, 0])
+    with pytest.raises(ValueError, match="one-source SAE"):
+        clamp_hook(build_sae(VanillaSAEConfig(sparse_dim=6), 2, 8), torch.tensor([0]), 1.0)
+
+
+def test_clamping_every_latent_during_host_training_blocks_learning(tmp_path, host_cache):
+    from sae.analysis.steering import train_host_with_clamp
+    from sae.host_models.transformer import hook_name
+    from sae.training.host import HostRecipe
+
+    host = tiny_host(host_cache)
+    recipe = HostRecipe(lr=1e-2, num_steps=60, eval_every=10, steps_after_grok=None)
+    torch.manual_seed(5)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=16), 1, host.d_model)
+    free = train_host_with_clamp(tiny_task(), host.architecture(), recipe, tmp_path / "free", sae,
+                                 hook_name(1, "resid_post"), torch.tensor([], dtype=torch.long), 0.0)
+    clamped = train_host_with_clamp(tiny_task(), host.architecture(), recipe, tmp_path / "clamped", sae,
+                                    hook_name(1, "resid_post"), torch.arange(16), 30.0)
+    assert free["final"]["train/acc"] > 0.6
+    assert clamped["final"]["train/acc"] < free["final"]["train/acc"] - 0.3
+    assert (tmp_path / "clamped" / "summary.json").is_file()
