@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-slurm test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host test test-slurm test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,23 @@ train-host: $(VENV)/.installed
 
 # The fast default suite (a few minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare" $(PYTEST_ARGS)
 
 # Real sweeps on the local one-node SLURM cluster (start it first: make slurm-up, as root).
 test-slurm: $(VENV)/.installed
 	$(PY) -m pytest -q -m slurm -rs $(PYTEST_ARGS)
+
+# SAELens and EleutherAI sparsify as benchmark columns: installs the [compare] extra, then its tests.
+$(VENV)/.compare: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,compare]"
+	touch $@
+
+test-compare: $(VENV)/.compare
+	$(PY) -m pytest -q -m compare -rs $(PYTEST_ARGS)
+
+# The training benchmark (README "Training speed"); e.g. make bench ARGS="--sizes 128,2048,16"
+bench: $(VENV)/.installed
+	$(PY) scripts/benchmark.py $(ARGS)
 
 slurm-up:
 	bash scripts/slurm/cluster.sh start

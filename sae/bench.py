@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae.bench_external import EXTERNAL, build_external
 from sae.saes import build_sae
 from sae.saes.base import SAEOutput
 from sae.saes.topk import TopKSAEConfig
@@ -129,6 +130,8 @@ def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int
 
 
 def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
+    if case.impl in EXTERNAL:
+        return build_external(case.impl, case.d_in, case.d_sae, case.k, case.device)
     if case.impl == "dense_topk":
         return DenseTopKReference(case.d_in, case.d_sae, case.k, k_aux, 1 / 32)
     if case.impl == "topk":
@@ -139,7 +142,7 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
 
 
 def decoder_rows(sae: nn.Module) -> torch.Tensor:
-    return sae.decoder_rows() if isinstance(sae, DenseTopKReference) else sae.W_dec[:, 0]
+    return sae.decoder_rows() if hasattr(sae, "decoder_rows") else sae.W_dec[:, 0]
 
 
 @torch.no_grad()
@@ -147,7 +150,10 @@ def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dic
     x_hat, l0, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool, device=x_eval.device)
     for chunk in x_eval.split(4096):
         latents = sae.encode(chunk[:, None])
-        x_hat.append(latents @ decoder_rows(sae) + (sae.b_dec if sae.b_dec.dim() == 1 else sae.b_dec[0]))
+        if hasattr(sae, "reconstruct"):  # another library: its own decode
+            x_hat.append(sae.reconstruct(chunk[:, None]).float())
+        else:
+            x_hat.append(latents @ decoder_rows(sae) + (sae.b_dec if sae.b_dec.dim() == 1 else sae.b_dec[0]))
         l0.append((latents != 0).sum(dim=1).float())
         fired |= (latents > 0).any(dim=0)
     x_hat = torch.cat(x_hat)
@@ -177,7 +183,9 @@ def run_case(case: Case) -> dict:
     sae = build(case, k_aux, n_steps).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
-    optimizer = make_optimizer(sae.parameters(), case.lr)
+    # other libraries train with their own optimiser and no clipping (their recommended settings)
+    optimizer = sae.make_optimizer() if case.impl in EXTERNAL else make_optimizer(sae.parameters(), case.lr)
+    grad_clip = None if case.impl in EXTERNAL else GRAD_CLIP
     hardware = HardwareConfig(dtype=DType(case.dtype))
     dead = DeadLatents(case.d_sae, window=max(1, n_train // 8), device=device)
     if device.type == "cuda":
@@ -193,7 +201,7 @@ def run_case(case: Case) -> dict:
             started = now
         batch = train[step * case.batch:(step + 1) * case.batch, None]
         coef = sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps) if case.impl == "vanilla" else 0.0
-        out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, GRAD_CLIP, hardware)
+        out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
         dead.update(out, case.batch, step + 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -266,7 +274,8 @@ def parse_size(text: str) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="SAE training speed and quality, ours vs a dense TopK reference")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES), help="d_in,d_sae,k ...")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                        help=f"some of {', '.join(IMPLEMENTATIONS + EXTERNAL)} (the last two need pip install -e '.[compare]')")
     parser.add_argument("--tokens", type=float, default=2**19, help="training tokens per run (one pass)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -278,9 +287,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
-    unknown = set(impls) - set(IMPLEMENTATIONS)
+    unknown = set(impls) - set(IMPLEMENTATIONS) - set(EXTERNAL)
     if unknown:
-        parser.error(f"--impls: unknown {sorted(unknown)}, expected some of {list(IMPLEMENTATIONS)}")
+        parser.error(f"--impls: unknown {sorted(unknown)}, expected some of {list(IMPLEMENTATIONS + EXTERNAL)}")
     results = []
     for d_in, d_sae, k in args.sizes:
         for impl in impls:

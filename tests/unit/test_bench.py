@@ -49,3 +49,16 @@ def test_bad_arguments_are_refused():
         main(["--sizes", "8,32,64"])
     with pytest.raises(SystemExit):
         main(["--impls", "topk,sparsify"])
+
+
+@pytest.mark.compare
+@pytest.mark.parametrize("impl", ["saelens", "sparsify"])
+def test_other_libraries_train_as_benchmark_columns(impl):
+    pytest.importorskip({"saelens": "sae_lens", "sparsify": "sparsify"}[impl])
+    common = dict(d_in=16, d_sae=64, k=4, batch=256, tokens=256 * 40, lr=3e-3, device="cpu", threads=1,
+                  dtype="float32")
+    theirs, ours = run_case(Case(impl, **common)), run_case(Case("topk", **common))
+    assert theirs["steps"] == 40 and theirs["tokens_per_s"] > 0
+    assert theirs["l0"] <= 4 + 1e-6 and 0 <= theirs["dead_frac"] <= 1
+    assert theirs["fvu"] < 1.0  # it learned something from the same activations
+    assert set(theirs) == set(ours)
