@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+from queue import Empty
 import resource
 import statistics
 import time
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.bench_external import EXTERNAL, build_external
+from sae.bench_external import EXTERNAL, build_external, external_available
 from sae.saes import build_sae
 from sae.saes.base import SAEOutput
 from sae.saes.topk import TopKSAEConfig
@@ -222,11 +223,19 @@ def _worker(case: Case, queue) -> None:
 
 
 def run_isolated(case: Case) -> dict:
+    """run_case in a fresh process (its own peak memory); a crashed child is an error, not a hang."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_worker, args=(case, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive() and queue.empty():
+                raise RuntimeError(f"benchmark case {case.impl} {(case.d_in, case.d_sae, case.k)} died "
+                                   f"(exit code {process.exitcode})") from None
     process.join()
     return result
 
@@ -290,6 +299,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = set(impls) - set(IMPLEMENTATIONS) - set(EXTERNAL)
     if unknown:
         parser.error(f"--impls: unknown {sorted(unknown)}, expected some of {list(IMPLEMENTATIONS + EXTERNAL)}")
+    missing = [impl for impl in impls if impl in EXTERNAL and not external_available(impl)]
+    if missing:
+        parser.error(f"--impls {','.join(missing)} needs the comparison libraries: pip install -e '.[compare]'")
     results = []
     for d_in, d_sae, k in args.sizes:
         for impl in impls:

@@ -111,6 +111,15 @@ class SparsifyTopK(nn.Module):
         return self.optimizer
 
 
+MODULES = {"saelens": "sae_lens", "sparsify": "sparsify"}
+
+
+def external_available(impl: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(MODULES[impl]) is not None
+
+
 def build_external(impl: str, d_in: int, d_sae: int, k: int, device: str) -> nn.Module:
     try:
         return {"saelens": SAELensTopK, "sparsify": SparsifyTopK}[impl](d_in, d_sae, k, device)

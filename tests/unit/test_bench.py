@@ -44,11 +44,18 @@ def test_command_line_runs_each_implementation_in_its_own_process(tmp_path, caps
     assert "| (8, 32, 2) | topk |" in capsys.readouterr().out and (tmp_path / "r.json").is_file()
 
 
-def test_bad_arguments_are_refused():
+def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):
+    import sae.bench
+
     with pytest.raises(SystemExit):
         main(["--sizes", "8,32,64"])
     with pytest.raises(SystemExit):
+        main(["--impls", "topk,sae_vis"])
+    assert "unknown ['sae_vis']" in capsys.readouterr().err
+    monkeypatch.setattr(sae.bench, "external_available", lambda impl: False)
+    with pytest.raises(SystemExit):
         main(["--impls", "topk,sparsify"])
+    assert "pip install -e '.[compare]'" in capsys.readouterr().err
 
 
 @pytest.mark.compare
