@@ -52,6 +52,14 @@ def sacct_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
+def final_sacct_state(job_id: str, timeout: float = 60) -> str:
+    """submitit returns once the job wrote its result; the SLURM step may still be RUNNING/COMPLETING then."""
+    deadline = time.time() + timeout
+    while (state := sacct_state(job_id)) in ("RUNNING", "COMPLETING", "PENDING", "") and time.time() < deadline:
+        time.sleep(0.5)
+    return state
+
+
 def test_sweep_of_four_jobs_on_slurm(tmp_path):
     process = sweep(tmp_path, "num_steps=30", "eval_every=15", "sae=vanilla,topk", "sae.sparse_dim=32,64")
     output, _ = process.communicate(timeout=600)
@@ -62,7 +70,7 @@ def test_sweep_of_four_jobs_on_slurm(tmp_path):
         metrics = json.loads((job / "final_metrics.json").read_text())
         assert metrics["step"] == 30 and 0 <= metrics["eval/test/fvu"] < 1
         info = json.loads((job / "job.json").read_text())
-        assert info["status"] == "completed" and sacct_state(info["slurm_job_id"]) == "COMPLETED"
+        assert info["status"] == "completed" and final_sacct_state(info["slurm_job_id"]) == "COMPLETED"
     result = summarize(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4/4 jobs completed" in result.stdout
