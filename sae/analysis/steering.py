@@ -22,10 +22,14 @@ def clamp_replacement(sae, x: torch.Tensor, latents: torch.Tensor, value: float)
     return x + (delta @ sae.W_dec.flatten(1)).view_as(x)
 
 
-def random_control(d_sae: int, chosen: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """As many latents as `chosen`, drawn uniformly from the others."""
-    others = torch.ones(d_sae, dtype=torch.bool)
+def random_control(d_sae: int, chosen: torch.Tensor, seed: int = 0, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """As many latents as `chosen`, drawn uniformly from the others (from `pool` only when given,
+    e.g. the latents that fire at all: clamping dead latents to 0 would be a control that cannot fail)."""
+    others = torch.zeros(d_sae, dtype=torch.bool)
+    others[pool if pool is not None else slice(None)] = True
     others[chosen] = False
+    if int(others.sum()) < len(chosen):
+        raise ValueError(f"random_control: only {int(others.sum())} latents to draw {len(chosen)} from")
     pool = torch.where(others)[0]
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
     return pool[order[:len(chosen)]]
@@ -51,6 +55,24 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
     return metrics
 
 
+def source_view(sae, source: int):
+    """A one-source SAE reading and writing only `source` of a crosscoder (its encoder columns,
+    decoder rows and bias for that source; b_enc shared). For clamping a crosscoder's latents in a
+    host that has one stream: latents owned by that source (relative decoder norm near 1 for it)
+    are encoded almost as in the crosscoder; shared latents lose the other source's input."""
+    from sae.saes import build_sae
+
+    if not 0 <= source < sae.n_sources:
+        raise ValueError(f"source must be in [0, {sae.n_sources}), got {source}")
+    view = build_sae(sae.cfg, 1, sae.d_in).to(sae.W_dec.device)
+    with torch.no_grad():
+        view.W_enc.copy_(sae.W_enc[:, source:source + 1])
+        view.W_dec.copy_(sae.W_dec[:, source:source + 1])
+        view.b_dec.copy_(sae.b_dec[source:source + 1])
+        view.b_enc.copy_(sae.b_enc)
+    return view
+
+
 def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all_positions: bool = False):
     """A GrokTransformer hook ([batch, seq, d] -> same) that splices in the clamp of a frozen one-source
     SAE at the answer position (or every position). scale: the SAE's input scale (1 for a saved SAE,
@@ -61,6 +83,8 @@ def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all
         param.requires_grad_(False)
 
     def clamp(resid: torch.Tensor) -> torch.Tensor:
+        if len(latents) == 0:  # an empty clamp is the identity; skip the encode that would add exact zeros
+            return resid
         rows = resid if all_positions else resid[:, -1:]
         x = rows.reshape(-1, 1, rows.shape[-1]) * scale
         f = sae.encode(x)

@@ -4,8 +4,8 @@ Selectors (host_model.checkpoints entries):
     final       the last checkpoint of the run
     post_grok   the first checkpoint with test accuracy >= 99% (the grokking step)
     pre_grok    the last checkpoint that has memorised (train acc >= 99%) but whose test accuracy
-                is still below 50%; if the run generalised too fast for that, the last memorised
-                checkpoint before the grokking step
+                is still below 50%; if the run generalised too fast for that, the memorised
+                checkpoint before the grokking step with the lowest test accuracy
     step_N      the checkpoint saved at step N
     a path      a `.safetensors` file written by scripts/train_host.py (its run's arch.json is read)
 """
@@ -128,11 +128,16 @@ def _select(summary: dict, records: list[dict], selector: str, run_dir: Path) ->
     if not (clear or memorised):
         raise HostRunError(f"host_model.checkpoints=pre_grok: the host in {run_dir} has no memorised checkpoint "
                            f"before grokking at step {grok}")
-    return (clear or memorised)[-1]
+    if clear:
+        return clear[-1]
+    return min(memorised, key=lambda r: r["test/acc"])  # the least generalised of the memorised ones
 
 
 def load_host(path: Path, device: str = "cpu") -> GrokTransformer:
     """Rebuild a host from a checkpoint file and its run's arch.json."""
+    if not path.is_file():
+        raise HostRunError(f"host checkpoint {path} is missing: retrain the host (delete its run dir and rerun "
+                           f"scripts/train.py or scripts/train_host.py) or restore the file")
     candidates = [path.parent / "arch.json", path.parent.parent / "arch.json"]
     arch_file = next((c for c in candidates if c.is_file()), None)
     if arch_file is None:

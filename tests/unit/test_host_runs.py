@@ -26,9 +26,9 @@ def test_selectors(tmp_path, selector, step):
     assert record["step"] == step and path == run / f"checkpoints/step_{step:07d}.safetensors"
 
 
-def test_pre_grok_falls_back_to_the_last_memorised_checkpoint_when_generalisation_was_fast(tmp_path):
+def test_pre_grok_falls_back_to_the_least_generalised_memorised_checkpoint_when_generalisation_was_fast(tmp_path):
     run = write_run(tmp_path, [(0, 0.0, 0.0), (50, 1.0, 0.6), (80, 1.0, 0.9), (100, 1.0, 0.995)], grokking_step=100)
-    assert resolve_checkpoint(run, "pre_grok")[2]["step"] == 80
+    assert resolve_checkpoint(run, "pre_grok")[2]["step"] == 50
 
 
 def test_selector_errors_say_what_to_do(tmp_path):

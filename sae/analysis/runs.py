@@ -1,0 +1,134 @@
+"""Training runs as analysis inputs: compose a config in Python as on the command line, train it
+(or reuse it), and load a finished run's SAE with its host activations.
+
+Notebooks use these so that a figure is always made from a run that `scripts/train.py` could have
+made with the same overrides, and so that a run dir lacking what an analysis needs (no SAE, a
+one-source SAE where a crosscoder is needed, another task, a deleted host run) stops with a message
+saying what to run first.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from sae.errors import UserInputError
+from sae.host_models.config import HostModelConfig
+from sae.saes import SAE_TYPES, SparseCoder, load
+from sae.tasks.modular import ModularTaskConfig
+from sae.training.activations import ActivationData, load_activation_data
+from sae.training.checkpoint import latest_checkpoint
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+TRAIN_COMMAND = "python scripts/train.py"
+
+
+class RunDirError(UserInputError):
+    """A run dir that lacks what an analysis needs; the message says what to run first."""
+
+
+def compose_train_config(overrides: list[str]):
+    """The TrainConfig that `python scripts/train.py <overrides>` would run, checked the same way."""
+    from hydra import compose, initialize_config_dir
+
+    from sae.config import register_configs, to_dataclass
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_dataclass(compose(config_name="config", overrides=list(overrides)))
+
+
+def train_or_reuse(overrides: list[str], run_dir: str | Path) -> Path:
+    """Train `scripts/train.py <overrides>` into run_dir, or reuse it if it already finished with this
+    config (an unfinished one resumes; one with another config is refused by the resume check)."""
+    from sae.training.run import run_training
+
+    run_dir = Path(run_dir)
+    cfg = compose_train_config(overrides)
+    finished = run_dir / "final_metrics.json"
+    checkpoint = latest_checkpoint(run_dir)
+    if finished.is_file() and checkpoint is not None and json.loads(finished.read_text())["step"] == cfg.num_steps:
+        from sae.training.run import check_resumable
+
+        check_resumable(checkpoint, cfg)
+        return run_dir
+    run_training(cfg, run_dir)
+    return run_dir
+
+
+def config_from_dict(saved: dict):
+    """A TrainConfig from a run's config.json (modular tasks; enums and nested schemas restored)."""
+    from sae.config import TrainConfig, to_dataclass
+    from sae.saes.base import SAEConfig
+    from sae.training.hardware import HardwareConfig
+    from sae.training.schedules import SchedulerConfig
+    from sae.tracking import TrackingConfig
+
+    sae_cls = SAE_TYPES[saved["sae"]["type"]][0] if saved["sae"].get("type") in SAE_TYPES else SAEConfig
+    schemas = {"task": ModularTaskConfig, "host_model": HostModelConfig, "sae": sae_cls,
+               "scheduler": SchedulerConfig, "hardware": HardwareConfig, "tracking": TrackingConfig}
+    node = OmegaConf.structured(TrainConfig)
+    for key, schema in schemas.items():
+        node[key] = OmegaConf.merge(OmegaConf.structured(schema), saved[key])
+    return to_dataclass(OmegaConf.merge(node, {k: v for k, v in saved.items() if k not in schemas}))
+
+
+@dataclass
+class SaeRun:
+    """A finished SAE/crosscoder run: its config, SAE (raw activation units) and host activations
+    (raw, scale 1, so `sae.encode(data.train)` is what the saved SAE computes)."""
+
+    run_dir: Path
+    config: object  # sae.config.TrainConfig
+    sae: SparseCoder
+    data: ActivationData
+    metrics: dict
+
+    @property
+    def task_name(self) -> str:
+        return self.config.task.name
+
+
+def load_sae_run(run_dir: str | Path, task: str | None = None, crosscoder: bool = False,
+                 device: str = "cpu") -> SaeRun:
+    """Load a run written by scripts/train.py (or train_or_reuse). task: refuse a run of another
+    task; crosscoder: refuse a one-source SAE (model diffing needs pre and post sources)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise RunDirError(f"{run_dir} holds no SAE training run (no config.json): train one first with "
+                          f"`{TRAIN_COMMAND} hydra.run.dir={run_dir}`")
+    saved = json.loads(config_path.read_text())
+    if "fasta" in saved.get("task", {}):
+        raise RunDirError(f"{run_dir} is a protein run (task=protein_mlm); these analyses need a modular-arithmetic "
+                          f"run, e.g. `{TRAIN_COMMAND} task=addition hydra.run.dir=...`")
+    saved_task = saved["task"]["name"]
+    if task is not None and saved_task != task:
+        raise RunDirError(f"{run_dir} was trained on task={saved_task}, not task={task}: pass a run of "
+                          f"task={task} or train one with `{TRAIN_COMMAND} task={task} hydra.run.dir=...`")
+    finished = run_dir / "final_metrics.json"
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not finished.is_file():
+        raise RunDirError(f"{run_dir} holds no finished SAE (no final checkpoint): finish it with "
+                          f"`{TRAIN_COMMAND} hydra.run.dir={run_dir}` and the overrides in its config.json")
+    meta = json.loads((checkpoint / "sae.json").read_text())
+    if crosscoder and meta["n_sources"] < 2:
+        raise RunDirError(f"{run_dir} holds a one-source SAE ({meta['sources'][0]['name']}); model diffing needs a "
+                          f"crosscoder over the host before and after grokking: run `{TRAIN_COMMAND} "
+                          f"experiment=crosscoder_pre_post_grok task={saved_task} hydra.run.dir=...`")
+    config = config_from_dict(saved)
+    config.host_model.run_dir = _host_run_dir(meta, run_dir)
+    data = load_activation_data(config.task, config.host_model, normalize=False, device=device)
+    return SaeRun(run_dir, config, load(checkpoint, device), data, json.loads(finished.read_text()))
+
+
+def _host_run_dir(meta: dict, run_dir: Path) -> str:
+    """The host run the SAE was trained on; it must still exist (retraining could differ)."""
+    host_dir = Path(meta["host_run_dir"])
+    summary = host_dir / "summary.json"
+    if not summary.is_file():
+        raise RunDirError(f"{run_dir} was trained on the host run {host_dir}, which is gone (no summary.json): "
+                          f"retrain the SAE with `{TRAIN_COMMAND} ...` (it retrains the host) or restore that dir")
+    return str(host_dir)
