@@ -40,13 +40,17 @@ def decoder_cosines(sae, latents: torch.Tensor, pre_source: int = 0, post_source
     return torch.nn.functional.cosine_similarity(W[:, pre_source], W[:, post_source], dim=-1)
 
 
-def exclusivity_check(l1_sae, topk_sae, pre_source: int = 0, post_source: int = 1) -> dict[str, float]:
-    """Fractions of pre-only / shared / post-only latents in both crosscoders, side by side."""
+def exclusivity_check(l1_sae, topk_sae, pre_source: int = 0, post_source: int = 1,
+                      l1_latents: torch.Tensor | None = None, topk_latents: torch.Tensor | None = None
+                      ) -> dict[str, float]:
+    """Fractions of pre-only / shared / post-only latents in both crosscoders, side by side, among
+    the given latents of each (e.g. those that fire: a dead latent's r means nothing); all by default."""
     report = {}
-    for name, sae in (("l1", l1_sae), ("topk", topk_sae)):
-        groups = split_latents(relative_decoder_norms(sae, pre_source, post_source))
-        for group, indices in groups.items():
-            report[f"{name}/{group}"] = len(indices) / sae.d_sae
+    for name, sae, latents in (("l1", l1_sae, l1_latents), ("topk", topk_sae, topk_latents)):
+        r = relative_decoder_norms(sae, pre_source, post_source)
+        r = r if latents is None else r[latents]
+        for group, indices in split_latents(r).items():
+            report[f"{name}/{group}"] = len(indices) / max(len(r), 1)
     return report
 
 

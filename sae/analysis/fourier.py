@@ -45,3 +45,13 @@ def key_frequencies(W_E: torch.Tensor, min_share: float = 0.05) -> list[int]:
     norms = embedding_frequency_norms(W_E)
     order = norms.argsort(descending=True)
     return [int(k) for k in order if norms[k] >= min_share]
+
+
+def latent_frequencies(values: torch.Tensor, latents: torch.Tensor) -> list[dict]:
+    """values: [p, p, d_sae] one operation's latent grid -> per latent its strongest folded
+    frequency pair (k_a, k_b) and that pair's share of the latent's non-constant power."""
+    rows = []
+    for latent in latents.tolist():
+        (ka, kb, share), = dominant_frequencies(grid_power(values[..., latent]), n=1)
+        rows.append({"latent": latent, "k_a": ka, "k_b": kb, "share": share})
+    return rows

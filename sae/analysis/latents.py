@@ -70,3 +70,54 @@ def top_activating(grid: LatentGrid, latent: int, n: int = 10, split: str = "all
         rows.append({"op": grid.operations[op].value, "a": a, "b": b, "value": value,
                      "train": bool(grid.is_train[op, a, b])})
     return rows
+
+
+@torch.no_grad()
+def neuron_grid(model, dataset, hook: str) -> torch.Tensor:
+    """[n_ops, p, p, width]: the host's own activation at `hook` (e.g. blocks.0.mlp_hidden) at the
+    answer position for every (op, a, b); 0 where the pair does not exist. Compare with latent_grid."""
+    p, n_ops = dataset.p, len(dataset.operations)
+    acts = torch.cat([model.capture(chunk, [hook])[hook][:, -1].cpu() for chunk in dataset.tokens.split(8192)])
+    grid = torch.zeros(n_ops, p, p, acts.shape[-1])
+    tokens, op_ids = dataset.tokens.cpu(), dataset.op_ids.cpu()
+    grid[op_ids, tokens[:, 0], tokens[:, 2]] = acts
+    return grid
+
+
+def operation_selectivity(grid: LatentGrid, split: str = "all") -> torch.Tensor:
+    """[n_ops, d_sae]: each latent's share of its firing frequency that falls on each operation
+    (rows sum to 1 over operations for a latent that fires; 0 for one that never does)."""
+    freq = firing_frequency(grid, split)
+    return freq / freq.sum(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def operation_latents(grid: LatentGrid, op: int, n: int) -> torch.Tensor:
+    """The n latents that fire most on operation `op`'s pairs beyond their firing on any other
+    operation (frequency on op minus the largest frequency on another), strongest first. Ranking by
+    selectivity alone would pick rare latents that are selective but barely used."""
+    freq = firing_frequency(grid)
+    others = torch.cat([freq[:op], freq[op + 1:]]).max(dim=0).values if len(freq) > 1 else torch.zeros_like(freq[op])
+    return (freq[op] - others).argsort(descending=True)[:n]
+
+
+def plot_grids(grids: torch.Tensor, titles: list[str], path, suptitle: str = "", columns: int = 4):
+    """Heatmaps of [n, p, p] grids over (a, b), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(grids) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, grid, title in zip(axes.flat, grids, titles):
+        ax.imshow(grid.numpy(), cmap="viridis", origin="lower")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("b", fontsize=7)
+        ax.set_ylabel("a", fontsize=7)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

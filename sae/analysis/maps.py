@@ -24,7 +24,7 @@ def embed_2d(points: torch.Tensor, method: str = "tsne", seed: int = 0, neighbou
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
     import umap
 
-    return umap.UMAP(n_neighbors=min(neighbours, len(x) - 1), random_state=seed).fit_transform(x)
+    return umap.UMAP(n_neighbors=min(neighbours, len(x) - 1), random_state=seed, n_jobs=1).fit_transform(x)
 
 
 def plot_map(coords: np.ndarray, colour: np.ndarray | torch.Tensor, path: str | Path, title: str = "",

@@ -105,3 +105,24 @@ def train_host_with_clamp(task, arch_keys: dict, recipe, run_dir, sae, hook: str
 
     hooks = {hook: clamp_hook(sae.to(device), latents.to(device), value)}
     return run_host_training(task, arch_keys, recipe, run_dir, NullTracker(), device=device, quiet=True, hooks=hooks)
+
+
+def clamp_per_operation(sae, data, chosen: dict[str, torch.Tensor], value: float = 0.0, controls: int = 5,
+                        pool: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """On a host with several operations: for each operation's chosen latents (e.g. the ones most
+    specific to it), the test accuracy of every operation with them clamped, and the mean over
+    `controls` draws of as many random latents from `pool` (one draw is a noisy control).
+    {"none" | "<op>" | "<op>/random": {"<op2>": test acc}}. A targeted drop shows as a low diagonal
+    entry next to higher off-diagonal ones and controls."""
+    ops = [op.value for op in data.dataset.operations]
+
+    def per_op(latents: torch.Tensor) -> dict[str, float]:
+        metrics = steered_metrics(sae, data, latents, value)
+        return {op: metrics[f"test/acc_{op}"] for op in ops}
+
+    table = {"none": per_op(torch.zeros(0, dtype=torch.long))}
+    for op, latents in chosen.items():
+        table[op] = per_op(latents)
+        draws = [per_op(random_control(sae.d_sae, latents, seed, pool)) for seed in range(controls)]
+        table[f"{op}/random"] = {o: sum(d[o] for d in draws) / controls for o in ops}
+    return table

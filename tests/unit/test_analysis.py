@@ -106,6 +106,8 @@ def test_relative_decoder_norms_split_and_cosines(tmp_path):
     assert torch.allclose(decoder_cosines(sae, groups["shared"]), torch.ones(2))
     report = exclusivity_check(sae, crosscoder_with_norms([(1.0, 1.0)] * 4))
     assert report["l1/shared"] == 0.5 and report["topk/shared"] == 1.0
+    among_two = exclusivity_check(sae, crosscoder_with_norms([(1.0, 1.0)] * 4), l1_latents=torch.tensor([0, 1]))
+    assert among_two["l1/pre_only"] == 0.5 and among_two["l1/shared"] == 0.5 and among_two["l1/post_only"] == 0.0
     assert plot_relative_norms(r, tmp_path / "r.png").stat().st_size > 0
     with pytest.raises(ValueError, match="needs a crosscoder"):
         relative_decoder_norms(build_sae(TopKSAEConfig(sparse_dim=4, k=1), 1, 4))

@@ -1,0 +1,117 @@
+"""Execute the experimental/ notebooks top to bottom (nbclient), as CI does, and tabulate their results.
+
+    python scripts/run_notebooks.py                         # every notebook, small profile, 2 at a time
+    python scripts/run_notebooks.py cc_first-division --profile full --threads 2
+    python scripts/run_notebooks.py --profile full --publish  # copy figures + results to experimental/results/
+
+The notebooks in git stay without outputs; the executed copies go to <out>/<name>/<name>.ipynb
+next to the figures and results.json each notebook writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "experimental"
+PUBLISHED = NOTEBOOKS / "results"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def execute(name: str, profile: str, out: Path, threads: int, timeout: int) -> tuple[str, float, str | None]:
+    """Run one notebook in a fresh kernel; returns (name, seconds, error or None)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    os.environ.update(SAE_NOTEBOOK_PROFILE=profile, SAE_NOTEBOOK_OUT=str(out), SAE_NOTEBOOK_THREADS=str(threads),
+                      OMP_NUM_THREADS=str(threads), WANDB_SILENT="true", MPLBACKEND="Agg",
+                      TQDM_DISABLE="1")  # progress bars would fill the saved notebooks
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    started, error = time.time(), None
+    try:
+        client.execute()
+    except CellExecutionError as failure:
+        error = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
+    finally:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, out / name / f"{name}.ipynb")
+    return name, time.time() - started, error
+
+
+def results_table(out: Path, names: list[str]) -> str:
+    """Markdown table of the cc_first notebooks' results.json (README's experimental table)."""
+    header = ("| task | pre_grok step: train / test acc | post_grok step: test acc | test acc, latents clamped: "
+              "none / selected / random | grokking step retrained: none / selected / random |\n"
+              "|---|---|---|---|---|\n")
+    rows = []
+    for name in names:
+        path = out / name / "results.json"
+        if not name.startswith("cc_first") or not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        pre, post = r["phases"]
+        ev, tr = r["clamp_at_evaluation"], r["clamp_during_training"]
+        rows.append(f"| {r['task']} | {pre['step']}: {pre['train_acc']:.3f} / {pre['test_acc']:.3f} | "
+                    f"{post['step']}: {post['test_acc']:.3f} | "
+                    f"{ev['none']:.3f} / {ev['selected']:.3f} / {ev['random']:.3f} | "
+                    f"{tr['none']} / {tr['selected']} / {tr['random']} |")
+    return header + "\n".join(rows) if rows else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"notebooks to run (default: all of {', '.join(available())})")
+    parser.add_argument("--profile", default="small", help="small (CI size) | full (README numbers)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "experimental")
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per notebook")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--publish", action="store_true", help="copy figures and results.json to experimental/results/")
+    args = parser.parse_args()
+    names = args.names or available()
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        sys.exit(f"Error: no notebook experimental/{unknown[0]}.ipynb; available: {', '.join(available())}")
+    if args.profile not in ("small", "full"):
+        sys.exit(f"Error: --profile must be small or full, got '{args.profile}'")
+    if args.jobs < 1 or args.threads < 1:
+        sys.exit("Error: --jobs and --threads must be >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # cc_first notebooks first: they train the hosts the others reuse
+    names.sort(key=lambda n: (not n.startswith("cc_first"), n))
+    failures = 0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(execute, n, args.profile, args.out, args.threads, args.timeout) for n in names]
+        for future in futures:
+            name, seconds, error = future.result()
+            print(f"{name}: {'FAILED: ' + error if error else 'ok'} ({seconds:.0f} s)", flush=True)
+            failures += error is not None
+    table = results_table(args.out, names)
+    if table:
+        print("\n" + table)
+    if args.publish:
+        for name in names:
+            target = PUBLISHED / name
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            for path in [*(args.out / name).glob("*.png"), args.out / name / "results.json"]:
+                if path.is_file():
+                    shutil.copy(path, target / path.name)
+        print(f"published figures and results to {PUBLISHED}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
