@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-slurm test-compare bench test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host test test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ train-host: $(VENV)/.installed
 
 # The fast default suite (a few minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks" $(PYTEST_ARGS)
 
 # Real sweeps on the local one-node SLURM cluster (start it first: make slurm-up, as root).
 test-slurm: $(VENV)/.installed
 	$(PY) -m pytest -q -m slurm -rs $(PYTEST_ARGS)
+
+# Every experimental/ notebook executed top to bottom on its small profile (about 6 min on 2 cores).
+test-notebooks: $(VENV)/.installed
+	$(PY) -m pytest -q -m notebooks -rs $(PYTEST_ARGS)
+
+# The notebooks' full profile: the numbers and figures in experimental/README.md (long).
+notebooks-full: $(VENV)/.installed
+	$(PY) scripts/run_notebooks.py --profile full --publish $(ARGS)
 
 # SAELens and EleutherAI sparsify as benchmark columns: installs the [compare] extra, then its tests.
 $(VENV)/.compare: $(VENV)/.installed

@@ -192,3 +192,57 @@ def test_clamping_every_latent_during_host_training_blocks_learning(tmp_path, ho
     assert free["final"]["train/acc"] > 0.6
     assert clamped["final"]["train/acc"] < free["final"]["train/acc"] - 0.3
     assert (tmp_path / "clamped" / "summary.json").is_file()
+
+
+def test_neuron_grid_holds_the_hosts_activation_at_each_pair(mixed_data):
+    from sae.analysis.latents import neuron_grid
+
+    source = mixed_data.sources[0]
+    grid = neuron_grid(source.model, mixed_data.dataset, source.hook)
+    dataset = mixed_data.dataset
+    tokens, op = dataset.tokens[7], int(dataset.op_ids[7])
+    expected = source.model.capture(tokens[None], [source.hook])[source.hook][0, -1]
+    torch.testing.assert_close(grid[op, tokens[0], tokens[2]], expected)
+    assert grid[1, :, 0].abs().sum() == 0  # division by 0 does not exist
+
+
+def test_operation_latents_rank_by_firing_on_the_operation_beyond_the_others():
+    from sae.analysis.latents import LatentGrid, operation_latents, operation_selectivity
+
+    p, ops = 5, [Operation.addition, Operation.subtraction]
+    values = torch.zeros(2, p, p, 4)
+    values[0, :, :, 0] = 1.0  # fires on every addition pair only
+    values[0, :2, :, 1] = 1.0  # rarely, and only on addition: selective but barely used
+    values[:, :, :, 2] = 1.0  # fires on both
+    values[1, :, :, 3] = 1.0  # subtraction only
+    grid = LatentGrid(values, torch.ones(2, p, p, dtype=torch.bool), torch.ones(2, p, p, dtype=torch.bool), ops)
+    assert operation_latents(grid, 0, 2).tolist() == [0, 1]
+    assert operation_latents(grid, 1, 1).tolist() == [3]
+    selectivity = operation_selectivity(grid)
+    assert selectivity[:, 2].tolist() == [0.5, 0.5] and selectivity[0, 1].item() == 1.0
+
+
+def test_clamp_per_operation_reports_every_operation_for_chosen_and_random_latents(mixed_data):
+    from sae.analysis.steering import clamp_per_operation
+
+    torch.manual_seed(4)
+    sae = build_sae(TopKSAEConfig(sparse_dim=16, k=4), 1, mixed_data.train.shape[-1])
+    table = clamp_per_operation(sae, mixed_data, {"addition": torch.tensor([0, 1])}, controls=2)
+    assert set(table) == {"none", "addition", "addition/random"}
+    assert set(table["none"]) == {"addition", "division"}
+    dataset = mixed_data.dataset
+    from sae.training.host import evaluate_host
+
+    clean = evaluate_host(mixed_data.sources[0].model, dataset)
+    assert table["none"]["division"] == pytest.approx(clean["test/acc_division"], abs=1e-6)
+
+
+def test_latent_frequencies_find_each_latents_wave():
+    from sae.analysis.fourier import latent_frequencies
+
+    p = 23
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    values = torch.stack([torch.cos(2 * math.pi * 3 * (a + b) / p), torch.cos(2 * math.pi * 7 * a / p)], dim=-1)
+    rows = latent_frequencies(values, torch.tensor([0, 1]))
+    assert (rows[0]["k_a"], rows[0]["k_b"]) == (3, 3) and rows[0]["share"] == pytest.approx(1.0, abs=1e-5)
+    assert (rows[1]["k_a"], rows[1]["k_b"]) == (7, 0)
