@@ -34,7 +34,8 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
     was_training = sae.training
     sae.eval()
     metrics: dict[str, float] = {}
-    for split, x in (("train", data.train), ("test", data.test)):
+    for split in ("train", "test"):
+        x = data.eval_table(split)
         x_hat, row_l0, fire_counts = encode_decode(sae, x)
         prefix = f"eval/{split}"
         metrics[f"{prefix}/fvu"] = fvu_all_sources(x, x_hat).item()

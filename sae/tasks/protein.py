@@ -57,6 +57,9 @@ class ProteinTaskConfig:
     mask_prob: float = 0.15  # BERT-style: of the chosen residues 80% <mask>, 10% random, 10% kept
     seed: int = 0
     activation_cache: Optional[str] = None  # a dir; null = outputs/activations/<hash of the record>
+    # true: train from the cache's memory-mapped shards, batches gathered in a background thread
+    # (caches larger than memory); eval/train metrics then use the first max_test_tokens train rows
+    stream: bool = False
 
     def __post_init__(self) -> None:
         for key in ("max_length", "tokens_per_batch", "max_train_tokens", "max_test_tokens", "eval_sequences"):

@@ -50,6 +50,10 @@ class ActivationData:
         return {**sources_meta(self.sources), "token_positions": self.positions.value,
                 "host_run_dir": str(self.host_run_dir)}
 
+    def eval_table(self, split: str) -> torch.Tensor:
+        """The rows evaluate() scores for a split: all of them."""
+        return self.train if split == "train" else self.test
+
     def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
         """Per source: the reconstruction spliced into the host, answer CE/accuracy (per operation too)."""
         from sae.metrics.downstream import spliced_metrics
@@ -118,11 +122,12 @@ def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normali
     return ActivationData(sources, dataset, positions, train * scale[:, None], test * scale[:, None], scale, run_dir)
 
 
-def normalisation_scale(x: torch.Tensor) -> torch.Tensor:
+def normalisation_scale(x) -> torch.Tensor:
     """One factor per source so that E||c_s x_s||^2 = d_in on the training rows (dataset-wide,
-    not per token, so relative norms between tokens are kept)."""
-    mean_sq_norm = x.pow(2).sum(dim=-1).mean(dim=0)
-    return (x.shape[-1] / mean_sq_norm.clamp_min(1e-12)).sqrt()
+    not per token, so relative norms between tokens are kept). x: a tensor or a ShardedTable."""
+    from sae.training.batches import mean_squared_norm
+
+    return (x.shape[-1] / mean_squared_norm(x).clamp_min(1e-12)).sqrt()
 
 
 def check_inputs(task, host, device: str = "cpu", host_dtype: torch.dtype = torch.float32) -> object:

@@ -29,6 +29,7 @@ from sae.errors import UserInputError
 from sae.host_models.config import ESM2HostConfig
 from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm, residue_mask
 from sae.tasks.protein import FastaScan, ProteinRecord, ProteinTaskConfig, read_records, scan_fasta, token_batches
+from sae.training.batches import ShardedTable
 from sae.training.checkpoint import atomic_dir, write_json
 
 SHARD_ROWS = 1 << 16
@@ -52,13 +53,19 @@ class ProteinActivationData:
     sources: list[ProteinSource]
     task: ProteinTaskConfig
     alphabet: object
-    train: torch.Tensor
+    train: torch.Tensor | ShardedTable  # ShardedTable with task.stream: rows stay on disk until a batch asks
     test: torch.Tensor
     scale: torch.Tensor
     cache_dir: Path
     scan: FastaScan
     eval_sets: dict[str, list[ProteinRecord]] = field(default_factory=dict)
+    train_sample: torch.Tensor | None = None  # what evaluate() scores as "train" when streaming
     row_unit = "residues"
+
+    def eval_table(self, split: str) -> torch.Tensor:
+        if split == "test":
+            return self.test
+        return self.train if self.train_sample is None else self.train_sample
 
     @property
     def source_names(self) -> list[str]:
@@ -229,10 +236,13 @@ def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, rec
           flush=True)
 
 
+def shard_paths(cache_dir: Path, split: str) -> list[Path]:
+    return sorted((cache_dir / split).glob("shard_*.npy"))
+
+
 def read_split(cache_dir: Path, split: str) -> torch.Tensor:
     """Shards memory-mapped and concatenated into one in-memory table (max_*_tokens bound its size)."""
-    shards = sorted((cache_dir / split).glob("shard_*.npy"))
-    return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in shards])
+    return torch.cat([torch.from_numpy(np.load(path, mmap_mode="r").copy()) for path in shard_paths(cache_dir, split)])
 
 
 def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, normalize: bool, device: str,
@@ -252,7 +262,14 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
             print(f"Reusing activation cache {cache_dir}", flush=True)
         else:
             build_cache(sources, task, alphabet, cache_dir, record)
-    train, test = read_split(cache_dir, "train").to(device), read_split(cache_dir, "test").to(device)
+    test = read_split(cache_dir, "test").to(device)
+    if task.stream:
+        table = ShardedTable(shard_paths(cache_dir, "train"))
+        scale = (normalisation_scale(table) if normalize else torch.ones(len(sources))).to(device)
+        train = table.with_scale(scale)
+        return ProteinActivationData(sources, task, alphabet, train, test * scale[:, None], scale, cache_dir, scan,
+                                     train_sample=train.head(task.max_test_tokens).to(device))
+    train = read_split(cache_dir, "train").to(device)
     scale = normalisation_scale(train) if normalize else torch.ones(len(sources), device=device)
     return ProteinActivationData(sources, task, alphabet, train * scale[:, None], test * scale[:, None], scale,
                                  cache_dir, scan)

@@ -16,6 +16,7 @@ from sae.saes import build_sae
 from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
 from sae.tracking import check_tracking, make_tracker, truncate_jsonl
 from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
+from sae.training.batches import BatchStream, ShardedTable, column_mean
 from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
 from sae.training.hardware import apply_threads, check_hardware, host_dtype
 from sae.training.signals import deferred_stop_signals
@@ -62,11 +63,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
     data = load_any_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device,
                                     host_dtype(cfg.hardware), checked)
-    n_rows, n_sources, d_in = data.train.shape
+    _, n_sources, d_in = data.train.shape
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, n_sources, d_in).to(device)
-    sae.init_b_dec(data.train.mean(dim=0))
+    sae.init_b_dec(column_mean(data.train).to(device))
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)
     dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device)
@@ -79,6 +80,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
         dead_latents.load(state)
         step, flops = state["step"], state["flops"]
         print(f"Resuming from {previous} (step {step}/{cfg.num_steps})", flush=True)
+    # a sharded (larger-than-memory) table is gathered in a background thread while the step runs
+    batches = BatchStream(data.train, cfg.batch_size, batch_generator, device,
+                          prefetch=isinstance(data.train, ShardedTable))
     forward = torch.compile(sae) if cfg.hardware.compile else sae
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
@@ -86,7 +90,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     def save(at_step: int) -> None:
         train_state = {
             "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
-            "batch_generator": batch_generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "batch_generator": batches.generator_state(), "torch_rng": torch.get_rng_state(),
             **dead_latents.state(),
         }
         save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
@@ -101,8 +105,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
-            rows = torch.randint(n_rows, (cfg.batch_size,), generator=batch_generator).to(device)
-            x = data.train[rows]
+            x = batches.next()
             out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
                                           cfg.hardware)
             step, flops = step + 1, flops + step_flops
@@ -126,6 +129,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
                 tracker.finish()
                 pending.deliver()
     progress.close()
+    batches.close()
 
     final = evaluate(sae, data)
     summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
