@@ -43,16 +43,14 @@ def compose_train_config(overrides: list[str]):
 def train_or_reuse(overrides: list[str], run_dir: str | Path) -> Path:
     """Train `scripts/train.py <overrides>` into run_dir, or reuse it if it already finished with this
     config (an unfinished one resumes; one with another config is refused by the resume check)."""
-    from sae.training.run import run_training
+    from sae.training.run import check_resumable, run_training
 
     run_dir = Path(run_dir)
     cfg = compose_train_config(overrides)
     finished = run_dir / "final_metrics.json"
     checkpoint = latest_checkpoint(run_dir)
     if finished.is_file() and checkpoint is not None and json.loads(finished.read_text())["step"] == cfg.num_steps:
-        from sae.training.run import check_resumable
-
-        check_resumable(checkpoint, cfg)
+        check_resumable(checkpoint, cfg)  # same config, or a one-line refusal naming the key that differs
         return run_dir
     run_training(cfg, run_dir)
     return run_dir
@@ -127,6 +125,8 @@ def load_sae_run(run_dir: str | Path, task: str | None = None, crosscoder: bool 
 def _host_run_dir(meta: dict, run_dir: Path) -> str:
     """The host run the SAE was trained on; it must still exist (retraining could differ)."""
     host_dir = Path(meta["host_run_dir"])
+    if not host_dir.is_absolute() and not host_dir.exists():  # relative to where training ran: usually the repo
+        host_dir = CONF_DIR.parent / host_dir
     summary = host_dir / "summary.json"
     if not summary.is_file():
         raise RunDirError(f"{run_dir} was trained on the host run {host_dir}, which is gone (no summary.json): "
