@@ -12,14 +12,19 @@ import torch
 from sae.metrics.downstream import answer_losses
 
 
-@torch.no_grad()
-def clamp_replacement(sae, x: torch.Tensor, latents: torch.Tensor, value: float) -> torch.Tensor:
-    """x: [batch, n_sources, d_in] raw activations -> the same with `latents` clamped to `value`."""
+def clamp_shift(sae, x: torch.Tensor, latents: torch.Tensor, value: float) -> torch.Tensor:
+    """decode(f_clamped) - decode(f) for x: [batch, n_sources, d_in], same shape as x."""
     f = sae.encode(x)
     delta = torch.zeros_like(f)
     delta[:, latents] = value - f[:, latents]
     # decode(f + delta) - decode(f) = delta @ W_dec: b_dec cancels, and an empty clamp adds exactly 0
-    return x + (delta @ sae.W_dec.flatten(1)).view_as(x)
+    return (delta @ sae.W_dec.flatten(1)).view_as(x)
+
+
+@torch.no_grad()
+def clamp_replacement(sae, x: torch.Tensor, latents: torch.Tensor, value: float) -> torch.Tensor:
+    """x: [batch, n_sources, d_in] raw activations -> the same with `latents` clamped to `value`."""
+    return x + clamp_shift(sae, x, latents, value)
 
 
 def random_control(d_sae: int, chosen: torch.Tensor, seed: int = 0, pool: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,10 +92,7 @@ def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all
             return resid
         rows = resid if all_positions else resid[:, -1:]
         x = rows.reshape(-1, 1, rows.shape[-1]) * scale
-        f = sae.encode(x)
-        delta = torch.zeros_like(f)
-        delta[:, latents] = value - f[:, latents]
-        clamped = rows + (delta @ sae.W_dec.flatten(1)).view_as(rows) / scale
+        clamped = rows + clamp_shift(sae, x, latents, value).view_as(rows) / scale
         return clamped if all_positions else torch.cat([resid[:, :-1], clamped], dim=1)
 
     return clamp

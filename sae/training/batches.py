@@ -29,7 +29,6 @@ class ShardedTable:
         self.starts = torch.cumsum(lengths, 0) - lengths
         self.shape = torch.Size([int(lengths.sum()), *self.shards[0].shape[1:]])
         self.scale = torch.ones(self.shape[1]) if scale is None else scale.cpu()
-        self.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return self.shape[0]
