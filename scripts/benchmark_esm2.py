@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sae.host_models.esm2 import ESM2Host, load_fair_esm, residue_mask  # noqa: E402
+from sae.host_models.esm2 import ESM2Host, load_fair_esm, random_esm2, residue_mask  # noqa: E402
 from sae.tasks.protein import ProteinTaskConfig, read_records, token_batches  # noqa: E402
-
-T6_8M = dict(num_layers=6, embed_dim=320, attention_heads=20)
 
 
 def build_model(checkpoint: str | None):
@@ -29,9 +27,7 @@ def build_model(checkpoint: str | None):
 
     if checkpoint:
         return load_fair_esm(checkpoint, "esm2_t6_8M_UR50D")
-    torch.manual_seed(0)
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    return esm.model.esm2.ESM2(**T6_8M, alphabet=alphabet).eval(), alphabet
+    return random_esm2("esm2_t6_8M_UR50D"), esm.data.Alphabet.from_architecture("ESM-1b")
 
 
 def timed_passes(runners: dict, batches, repeats: int) -> dict[str, float]:

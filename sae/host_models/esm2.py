@@ -34,6 +34,15 @@ ESM2_PRETRAINED = {
     "esm2_t36_3B": "esm2_t36_3B_UR50D",
 }
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+# (layers, embedding dim, attention heads) of the published models: random-weight stand-ins of
+# the same shapes for speed/memory benchmarks and offline pipeline checks
+ESM2_ARCHITECTURES = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+}
 
 
 class ESM2LoadError(UserInputError):
@@ -162,6 +171,17 @@ def residue_mask(tokens: torch.Tensor, alphabet) -> torch.Tensor:
     """[B, T] bool: positions holding residues, i.e. not cls / eos / padding (those never reach an SAE)."""
     special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
     return ~torch.isin(tokens, special)
+
+
+def random_esm2(pretrained_name: str, seed: int = 0) -> nn.Module:
+    """fair-esm's ESM2 with a published model's shapes and random weights (eval mode)."""
+    import esm
+
+    if pretrained_name not in ESM2_ARCHITECTURES:
+        raise ValueError(f"unknown ESM-2 model '{pretrained_name}'; known: {', '.join(ESM2_ARCHITECTURES)}")
+    layers, width, heads = ESM2_ARCHITECTURES[pretrained_name]
+    torch.manual_seed(seed)
+    return esm.model.esm2.ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet="ESM-1b").eval()
 
 
 def save_fair_esm_checkpoint(model: nn.Module, path: str | Path) -> Path:

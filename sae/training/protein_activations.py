@@ -198,31 +198,42 @@ def batch_tokens(batch: list[ProteinRecord], alphabet, model: ESM2Host) -> torch
     return tokens.to(next(model.parameters()).device)
 
 
+class ShardWriter:
+    """Rows appended into one preallocated [SHARD_ROWS, ...] buffer, saved as shard_NNNNN.npy each
+    time it fills and then refilled in place: extraction memory is one shard however large the FASTA."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.buffer, self.filled, self.shards = out, None, 0, 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.empty((SHARD_ROWS, *rows.shape[1:]), dtype=rows.dtype)  # pages touched as filled
+        while len(rows):
+            taken = min(len(rows), SHARD_ROWS - self.filled)
+            self.buffer[self.filled:self.filled + taken] = rows[:taken]
+            self.filled, rows = self.filled + taken, rows[taken:]
+            if self.filled == SHARD_ROWS:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            np.save(self.out / f"shard_{self.shards:05d}.npy", self.buffer[:self.filled])
+            self.filled, self.shards = 0, self.shards + 1
+
+
 def write_split(sources: list[ProteinSource], task: ProteinTaskConfig, alphabet, split: str, out: Path,
                 max_rows: int) -> int:
     """Stream the split's records through the host(s) into shards of SHARD_ROWS rows; stop at max_rows."""
     out.mkdir(parents=True)
     records = (r for r in read_records(task) if r.is_test == (split == "test"))
-    pending, n_pending, written, shard = [], 0, 0, 0
-
-    def flush(final: bool) -> None:
-        nonlocal pending, n_pending, shard
-        table = torch.cat(pending) if pending else None
-        while table is not None and (len(table) >= SHARD_ROWS or (final and len(table))):
-            np.save(out / f"shard_{shard:05d}.npy", table[:SHARD_ROWS].numpy())
-            table, shard = table[SHARD_ROWS:], shard + 1
-        pending = [table] if table is not None and len(table) else []
-        n_pending = len(pending[0]) if pending else 0
-
+    writer, written = ShardWriter(out), 0
     for batch in token_batches(records, task.tokens_per_batch):
         acts = residue_activations(sources, batch, alphabet).cpu()[: max_rows - written]
-        pending.append(acts)
-        n_pending, written = n_pending + len(acts), written + len(acts)
-        if n_pending >= SHARD_ROWS:
-            flush(final=False)
+        writer.add(acts.numpy())
+        written += len(acts)
         if written >= max_rows:
             break
-    flush(final=True)
+    writer.flush()
     return written
 
 

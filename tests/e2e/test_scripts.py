@@ -168,3 +168,27 @@ def test_esm2_extraction_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 ") or line.startswith("| 6 ")]
     assert len(rows) == 2 and all(row.rstrip().endswith("% |") for row in rows)
+
+
+def test_esm2_memory_benchmark_builds_a_cache_per_multiple(tmp_path):
+    records = (ROOT / "tests/data/proteins.fasta").read_text().split(">")[1:9]  # 8 records
+    fasta = tmp_path / "few.fasta"
+    fasta.write_text("".join(">" + r for r in records))
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_esm2_memory.py"), "--fasta", str(fasta),
+                             "--multiples", "1,3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1x") or line.startswith("| 3x")]
+    residues = [int(row[3].replace(",", "")) for row in rows]
+    assert len(rows) == 2 and residues[1] == 3 * residues[0] > 0  # every copy's residues were extracted
+
+
+def test_random_esm2_checkpoint_loads_through_fair_esm(tmp_path):
+    from sae.host_models.esm2 import ESM2Host, load_fair_esm
+
+    out = tmp_path / "esm2_t6_8M_random.pt"
+    result = run_script("esm2_random_checkpoint.py", "esm2_t6_8M_UR50D", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    host = ESM2Host(load_fair_esm(str(out), "esm2_t6_8M_UR50D")[0])
+    assert (host.n_layers, host.d_model) == (6, 320)
+    refused = run_script("esm2_random_checkpoint.py", "esm2_t6_8M_UR50D", str(tmp_path / "model.pt"), cwd=tmp_path)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith("Error: out:")

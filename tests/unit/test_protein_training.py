@@ -64,6 +64,21 @@ def test_cache_is_sharded_reused_and_refused_when_the_config_differs(tmp_path, t
     assert record["fasta"]["sha256"] == first.scan.sha256 and record["layers"] == [2]
 
 
+def test_shard_writer_cuts_full_shards_and_reuses_one_buffer(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(protein_activations, "SHARD_ROWS", 7)
+    writer = protein_activations.ShardWriter(tmp_path)
+    rows = np.arange(25 * 2 * 3, dtype=np.float32).reshape(25, 2, 3)
+    for start, stop in ((0, 3), (3, 3), (3, 16), (16, 25)):  # uneven appends, one empty, one spanning two shards
+        writer.add(rows[start:stop])
+    buffer = writer.buffer
+    writer.flush()
+    shards = [np.load(path) for path in sorted(tmp_path.glob("shard_*.npy"))]
+    assert [len(s) for s in shards] == [7, 7, 7, 4] and writer.buffer is buffer
+    np.testing.assert_array_equal(np.concatenate(shards), rows)
+
+
 def test_bert_mask_chooses_residues_only_with_80_10_10():
     from esm.data import Alphabet
 
