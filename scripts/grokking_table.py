@@ -31,16 +31,16 @@ def main(argv: list[str]) -> None:
             summary = read_summary(run_dir)
             recipe = summary["recipe"]
             rows.append(
-                f"| {task} | {'+'.join(summary['task']['operations'])} | {summary['task']['train_fraction']} | "
+                f"| {task} | {'+'.join(summary['task']['operations'])} | {summary['task']['p']} | {summary['task']['train_fraction']} | "
                 f"{cfg.host_model.n_layers} | {recipe['lr']:g} / {recipe['weight_decay']:g} | "
                 f"{summary['memorisation_step']} | {summary['grokking_step']} | "
                 f"{summary['final']['test/acc']:.3f} | {summary['wall_time_s']:.0f} s | `{run_dir}` |"
             )
             print(rows[-1], flush=True)
     print(f"\nthreads={torch.get_num_threads()}\n")
-    print("| task | operations | train fraction | layers | lr / wd | memorised (step) | grokked (step) "
+    print("| task | operations | p | train fraction | layers | lr / wd | memorised (step) | grokked (step) "
           "| final test acc | wall time | run |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 
