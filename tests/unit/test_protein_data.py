@@ -24,12 +24,14 @@ def task_for(path, **keys):
     return ProteinTaskConfig(fasta=str(path), **{"max_length": 100, "tokens_per_batch": 1024, **keys})
 
 
-def test_scan_counts_match_an_independent_reader():
-    task = task_for(PROTEINS_FASTA)
+@pytest.mark.parametrize("fasta", [PROTEINS_FASTA, DATA / "real_proteins.fasta"])
+def test_scan_counts_match_an_independent_reader(fasta):
+    task = task_for(fasta)
     scan = scan_fasta(task)
-    expected = plain_fasta(PROTEINS_FASTA)
+    expected = plain_fasta(fasta)
     assert scan.records == len(expected) == scan.train_records + scan.test_records
     assert scan.train_residues + scan.test_residues == sum(min(len(s), 100) for _, s in expected)
+    assert scan.skipped_records == scan.replaced_residues == 0
     assert 0 < scan.test_records < scan.train_records and len(scan.sha256) == 64
 
 
