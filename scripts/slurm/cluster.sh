@@ -23,7 +23,7 @@ say() { echo "[cluster $(date +%T)] $*"; }
 alive() {
   local pid
   [[ -s "$1" ]] || return 1
-  pid="$(tr -dc '0-9' < "$1")"
+  pid="$( { tr -dc '0-9' < "$1"; } 2>/dev/null)"  # the daemon may delete its pidfile meanwhile
   [[ -n "$pid" && -r /proc/$pid/stat ]] || return 1
   [[ "$(cat /proc/$pid/comm 2>/dev/null)" == "$2" ]] || return 1
   [[ "$(awk '{print $3}' /proc/$pid/stat)" != Z ]]
