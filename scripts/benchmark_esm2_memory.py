@@ -84,7 +84,8 @@ def main() -> None:
         tmp = Path(tmp)
         checkpoint = save_fair_esm_checkpoint(random_esm2("esm2_t6_8M_UR50D"), tmp / "esm2_t6_8M_random.pt")
         print(f"t6_8M architecture (random weights), layers [{args.layers}], {args.threads} thread(s)")
-        print("| data | FASTA size | residues extracted | peak RSS after model load (MiB) | peak RSS after extraction (MiB) | extraction time |")
+        print("| data | FASTA size | residues extracted | peak RSS after model load (MiB) "
+              "| peak RSS after extraction (MiB) | extraction time |")
         print("| --- | --- | --- | --- | --- | --- |")
         for multiple in (int(x) for x in args.multiples.split(",")):
             fasta = tmp / f"proteins_x{multiple}.fasta"

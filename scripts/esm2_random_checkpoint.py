@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sae.host_models.esm2 import ESM2_ARCHITECTURES, random_esm2, save_fair_esm_checkpoint  # noqa: E402
+from sae.host_models.esm2 import (  # noqa: E402
+    ESM2_ARCHITECTURES, is_fair_esm_filename, random_esm2, save_fair_esm_checkpoint,
+)
 
 
 def main() -> None:
@@ -22,7 +24,7 @@ def main() -> None:
     parser.add_argument("out", help="the .pt file to write; its name must start with 'esm2'")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not Path(args.out).name.startswith("esm2") or not args.out.endswith(".pt"):
+    if not is_fair_esm_filename(args.out):  # checked before building: a 3B model takes minutes
         sys.exit(f"Error: out: {args.out}: fair-esm reads a file only if its name starts with 'esm2' and ends in '.pt'")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     path = save_fair_esm_checkpoint(random_esm2(args.model, args.seed), args.out)

@@ -31,7 +31,8 @@ def main(argv: list[str]) -> None:
             summary = read_summary(run_dir)
             recipe = summary["recipe"]
             rows.append(
-                f"| {task} | {'+'.join(summary['task']['operations'])} | {summary['task']['p']} | {summary['task']['train_fraction']} | "
+                f"| {task} | {'+'.join(summary['task']['operations'])} | {summary['task']['p']} | "
+                f"{summary['task']['train_fraction']} | "
                 f"{cfg.host_model.n_layers} | {recipe['lr']:g} / {recipe['weight_decay']:g} | "
                 f"{summary['memorisation_step']} | {summary['grokking_step']} | "
                 f"{summary['final']['test/acc']:.3f} | {summary['wall_time_s']:.0f} s | `{run_dir}` |"

@@ -56,13 +56,18 @@ def _fair_esm_checkpoints_allowed() -> Iterator[None]:
         yield
 
 
+def is_fair_esm_filename(path: str | Path) -> bool:
+    """fair-esm's local loader reads a file as ESM-2 only if its name starts with 'esm2' and ends in '.pt'."""
+    return Path(path).name.startswith("esm2") and Path(path).suffix == ".pt"
+
+
 def check_local_checkpoint(path: str) -> None:
     """What fair-esm's local loader needs, checked before any work: the file, an `esm2` stem, the
     contact-regression file beside it."""
     file = Path(path)
     if not file.is_file():
         raise ESM2LoadError(f"host_model.checkpoints: file not found: {path}")
-    if not file.name.startswith("esm2") or file.suffix != ".pt":
+    if not is_fair_esm_filename(file):
         raise ESM2LoadError(f"host_model.checkpoints: {path}: fair-esm reads an ESM-2 file only if its name "
                             "starts with 'esm2' and ends in '.pt' (e.g. esm2_t6_8M_UR50D.pt)")
     regression = file.with_name(f"{file.stem}-contact-regression.pt")
@@ -180,8 +185,9 @@ def random_esm2(pretrained_name: str, seed: int = 0) -> nn.Module:
     if pretrained_name not in ESM2_ARCHITECTURES:
         raise ValueError(f"unknown ESM-2 model '{pretrained_name}'; known: {', '.join(ESM2_ARCHITECTURES)}")
     layers, width, heads = ESM2_ARCHITECTURES[pretrained_name]
-    torch.manual_seed(seed)
-    return esm.model.esm2.ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet="ESM-1b").eval()
+    with torch.random.fork_rng():  # seeded init without resetting the caller's global RNG
+        torch.manual_seed(seed)
+        return esm.model.esm2.ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet="ESM-1b").eval()
 
 
 def save_fair_esm_checkpoint(model: nn.Module, path: str | Path) -> Path:
@@ -192,7 +198,7 @@ def save_fair_esm_checkpoint(model: nn.Module, path: str | Path) -> Path:
     from sae.training.checkpoint import atomic_file
 
     path = Path(path)
-    if not path.name.startswith("esm2") or path.suffix != ".pt":
+    if not is_fair_esm_filename(path):
         raise ValueError(f"{path}: fair-esm needs a name that starts with 'esm2' and ends in '.pt'")
     state = model.state_dict()
     regression = {k: v for k, v in state.items() if k.startswith("contact_head.regression.")}
