@@ -33,11 +33,16 @@ class HostRunError(UserInputError):
     """A host run or checkpoint the config points at is missing or does not fit."""
 
 
+# Recipe keys added after hosts were first cached: left out of the hash while unset (they change
+# nothing then), so hosts trained before they existed keep their cache dir.
+LATER_RECIPE_KEYS = ("grad_clip",)
+
+
 def host_run_key(task: ModularTaskConfig, host: HostModelConfig) -> str:
     """Readable name + hash of everything that changes the trained host."""
+    recipe = {k: v for k, v in dataclasses.asdict(host.train).items() if not (k in LATER_RECIPE_KEYS and v is None)}
     identity = json.dumps(
-        {"task": dataclasses.asdict(task), "arch": host.architecture(), "recipe": dataclasses.asdict(host.train)},
-        sort_keys=True, default=str,
+        {"task": dataclasses.asdict(task), "arch": host.architecture(), "recipe": recipe}, sort_keys=True, default=str
     )
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
     return f"{task.name}_p{task.p}_{digest}"

@@ -40,6 +40,7 @@ class HostRecipe:
     warmup_steps: int = 10
     num_steps: int = 5000
     batch_size: Optional[int] = None  # null = full batch (Nanda et al.); e.g. 512 = Power et al.'s minibatches
+    grad_clip: Optional[float] = None  # clip the gradient's global norm to this (null = off)
     eval_every: int = 10
     steps_after_grok: int | None = 100  # stop this many steps after grokking; null = all num_steps
     seed: int = 0
@@ -57,6 +58,8 @@ class HostRecipe:
             )
         if self.batch_size is not None and self.batch_size <= 0:
             raise ValueError(f"host_model.train.batch_size must be > 0 or null, got {self.batch_size}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"host_model.train.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.eval_every <= 0:
             raise ValueError(f"host_model.train.eval_every must be > 0, got {self.eval_every}")
         if self.grokfast_alpha is not None and not 0.0 < self.grokfast_alpha < 1.0:
@@ -184,6 +187,8 @@ def run_host_training(
         loss.backward()
         if recipe.grokfast_alpha is not None:
             amplify_slow_gradients(model, slow_gradients, recipe.grokfast_alpha, recipe.grokfast_lambda)
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         scheduler.step()
     summary = {

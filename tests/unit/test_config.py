@@ -1,4 +1,5 @@
 """Every option of every group composes with every other; bad input fails with a message naming the key."""
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from sae.config import ConfigError, HostTrainConfig, TrainConfig, register_configs, to_dataclass
+from sae.host_models.runs import host_run_key
 from sae.saes import SAE_TYPES
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -190,3 +192,12 @@ def test_sweep_presets_carry_their_sweep(experiment, swept):
 
 def test_topk_k50_variant():
     assert build(["sae=topk_k50"]).sae.k == 50
+
+
+def test_the_default_host_keeps_its_cache_name_and_a_set_grad_clip_changes_it():
+    """README and users' outputs/hosts/ name the default host's dir: a recipe key added later
+    (grad_clip) must not rename it while unset."""
+    cfg = build(["task=addition"], config_name="train_host")
+    assert host_run_key(cfg.task, cfg.host_model) == "addition_p97_860e46d298"
+    clipped = dataclasses.replace(cfg.host_model, train=dataclasses.replace(cfg.host_model.train, grad_clip=1.0))
+    assert host_run_key(cfg.task, clipped) != "addition_p97_860e46d298"

@@ -41,6 +41,7 @@ def test_host_run_records_checkpoints_with_accuracies(tmp_path):
     (dict(num_steps=0), "host_model.train.num_steps must be > 0"),
     (dict(num_steps=10, warmup_steps=10), r"host_model.train.warmup_steps must be in \[0, num_steps=10\)"),
     (dict(grokfast_alpha=1.5), r"host_model.train.grokfast_alpha must be in \(0, 1\)"),
+    (dict(grad_clip=0.0), "host_model.train.grad_clip must be > 0 or null"),
 ])
 def test_bad_recipe_is_refused(keys, message):
     with pytest.raises(ValueError, match=message):
@@ -57,3 +58,24 @@ def test_minibatches_cover_every_row_once_per_epoch_and_full_batch_is_every_row(
     assert torch.equal(next(minibatches(10, 64, seed=0, device="cpu")), torch.arange(10))
     with pytest.raises(ValueError, match="host_model.train.batch_size must be > 0 or null"):
         HostRecipe(batch_size=0)
+
+
+def test_grad_clip_bounds_the_gradient_norm_the_optimiser_steps_with(tmp_path, monkeypatch):
+    def norms_seen(grad_clip):
+        seen, adamw_step = [], torch.optim.AdamW.step
+
+        def recording_step(self, *args, **kwargs):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return adamw_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+        task = ModularTaskConfig(name="addition", operations=[Operation.addition], p=13, train_fraction=0.6)
+        recipe = HostRecipe(num_steps=8, warmup_steps=2, eval_every=8, steps_after_grok=None, grad_clip=grad_clip)
+        run_host_training(task, dict(n_layers=1, d_model=16, n_heads=2, kv_heads=2, d_mlp=32), recipe,
+                          tmp_path / str(grad_clip), NullTracker(), quiet=True)
+        return seen
+
+    unclipped = norms_seen(None)
+    clip = min(unclipped) / 2
+    assert len(unclipped) == 8 and max(norms_seen(clip)) <= clip * (1 + 1e-5)
