@@ -39,4 +39,3 @@ def test_selector_errors_say_what_to_do(tmp_path):
         resolve_checkpoint(run, "step_7")
     with pytest.raises(HostRunError, match="train one first with `python scripts/train_host.py"):
         resolve_checkpoint(tmp_path / "empty", "final")
-
