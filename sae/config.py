@@ -7,13 +7,10 @@ extend them (Hydra's "structured configs" pattern: schema in a separate group, o
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import sys
-import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -24,7 +21,6 @@ from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
 from sae.training.hardware import HardwareConfig
 from sae.training.schedules import SchedulerConfig
-from sae.training.checkpoint import write_json
 from sae.tracking.wandb_tracker import TrackingConfig
 
 
@@ -67,9 +63,9 @@ class TrainConfig(HostTrainConfig):
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.scheduler.warmup_steps >= self.num_steps:
+        if self.scheduler.warmup_steps is not None and self.scheduler.warmup_steps >= self.num_steps:
             raise ValueError(f"scheduler.warmup_steps must be < num_steps={self.num_steps}, "
-                             f"got {self.scheduler.warmup_steps}")
+                             f"got {self.scheduler.warmup_steps} (or null: scheduler.warmup_fraction of the run)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
@@ -168,49 +164,6 @@ def to_dataclass(cfg: DictConfig) -> Any:
         return OmegaConf.to_object(cfg)
     except Exception as error:
         raise ConfigError(_innermost_message(error)) from error
-
-
-def run_job(cfg: DictConfig, job: Callable[[Any, Path], dict]) -> dict:
-    """The scripts' body: typed config, then `job(config, hydra_output_dir)`.
-
-    A user error becomes one line on stderr and exit status 1, never a traceback. The job's
-    status goes to job.json (for scripts/summarize.py), and the jobs of one --multirun share
-    one W&B group (the sweep dir) unless tracking.group is set.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    output_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        typed = to_dataclass(cfg)
-    except UserInputError as error:
-        sys.exit(f"Error: {error}")
-    if hydra_cfg.mode == RunMode.MULTIRUN and typed.tracking.group is None:
-        typed.tracking.group = hydra_cfg.sweep.dir.replace("/", "_")
-    record = {"status": "running", "slurm_job_id": slurm_job_id(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(output_dir / "job.json", record)
-    try:
-        result = job(typed, output_dir)
-    except UserInputError as error:
-        write_json(output_dir / "job.json", {**record, "status": "failed", "error": str(error)})
-        sys.exit(f"Error: {error}")
-    except SystemExit as stop:  # submitit's requeue after a time-limit/preemption signal
-        write_json(output_dir / "job.json", {**record, "status": "requeued", "error": f"SystemExit: {stop.code}"})
-        raise
-    except BaseException as error:
-        write_json(output_dir / "job.json", {**record, "status": "failed", "error": f"{type(error).__name__}: {error}"})
-        raise
-    write_json(output_dir / "job.json", {**record, "status": "completed"})
-    return result
-
-
-def slurm_job_id() -> str | None:
-    """`<array>_<task>` for an array task (submitit submits sweeps as arrays; that is the name of
-    its .submitit folder and what sacct/scontrol take), the plain job id otherwise."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def _innermost_message(error: BaseException) -> str:

@@ -6,7 +6,8 @@ import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sae.config import register_configs, run_job  # noqa: E402
+from sae.config import register_configs  # noqa: E402
+from sae.launch import run_cli, run_job  # noqa: E402
 from sae.training.run import run_training  # noqa: E402
 
 register_configs()
@@ -18,4 +19,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

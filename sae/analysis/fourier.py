@@ -43,7 +43,7 @@ def key_frequencies(W_E: torch.Tensor, min_share: float = 0.05) -> list[int]:
     """Frequencies holding at least min_share of the embedding's (non-constant) power, strongest
     first: the handful a grokked host uses (Nanda et al. find 3-7)."""
     norms = embedding_frequency_norms(W_E)
-    order = norms.argsort(descending=True)
+    order = norms.argsort(descending=True, stable=True)
     return [int(k) for k in order if norms[k] >= min_share]
 
 

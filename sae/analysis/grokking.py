@@ -44,7 +44,7 @@ def generalisation_latents(run: SaeRun, n: int) -> torch.Tensor:
     grid = latent_grid(run.sae, run.data)
     fires_on_test = (grid.values[grid.split_mask("test")] > 0).any(dim=0)
     candidates = torch.where(fires_on_test)[0]
-    return candidates[r[candidates].argsort(descending=True)[:n]]
+    return candidates[r[candidates].argsort(descending=True, stable=True)[:n]]  # ties by index, on any CPU
 
 
 def clamp_at_evaluation(run: SaeRun, latents: torch.Tensor, value: float = 0.0, seed: int = 0) -> dict:

@@ -97,7 +97,7 @@ def operation_latents(grid: LatentGrid, op: int, n: int) -> torch.Tensor:
     selectivity alone would pick rare latents that are selective but barely used."""
     freq = firing_frequency(grid)
     others = torch.cat([freq[:op], freq[op + 1:]]).max(dim=0).values if len(freq) > 1 else torch.zeros_like(freq[op])
-    return (freq[op] - others).argsort(descending=True)[:n]
+    return (freq[op] - others).argsort(descending=True, stable=True)[:n]
 
 
 def plot_grids(grids: torch.Tensor, titles: list[str], path, suptitle: str = "", columns: int = 4):

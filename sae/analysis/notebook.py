@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sae.errors import UserInputError
-from sae.training.checkpoint import write_json
+from sae.atomic_io import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = ("small", "full")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sae.training.checkpoint import atomic_file
+from sae.atomic_io import atomic_file
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
 LOG_TAIL_LINES = 20

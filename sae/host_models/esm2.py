@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from sae.atomic_io import atomic_file
 from sae.errors import UserInputError
 
 ESM2_PRETRAINED = {
@@ -195,8 +196,6 @@ def save_fair_esm_checkpoint(model: nn.Module, path: str | Path) -> Path:
     layout): `{"model": state dict with an "encoder." prefix and without the contact-regression
     keys, "cfg": {"model": Namespace(...)}}` plus `<stem>-contact-regression.pt` beside it.
     The name must start with 'esm2'. Used to test the real loading path on tiny models."""
-    from sae.training.checkpoint import atomic_file
-
     path = Path(path)
     if not is_fair_esm_filename(path):
         raise ValueError(f"{path}: fair-esm needs a name that starts with 'esm2' and ends in '.pt'")

@@ -12,16 +12,17 @@ Selectors (host_model.checkpoints entries):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from sae.atomic_io import remove_stale_temps
 from sae.errors import UserInputError
 from sae.host_models.config import STEP_SELECTOR, HostModelConfig
 from sae.host_models.transformer import Activation, GrokTransformer, Norm, Positions, TransformerArch
+from sae.run_lock import waiting_lock
 from sae.tasks.modular import ModularTaskConfig
 from sae.training.host import run_host_training
 from sae.tracking.base import NullTracker
@@ -69,9 +70,10 @@ def ensure_host_run(task: ModularTaskConfig, host: HostModelConfig, device: str 
         return run_dir
     run_dir = Path(host.cache_dir) / host_run_key(task, host)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with waiting_lock(run_dir / ".lock"):
         if not _is_complete(run_dir):
+            for directory in (run_dir, run_dir / "checkpoints"):
+                remove_stale_temps(directory)  # a host training killed mid-write
             print(f"Training host model for task={task.name} into {run_dir} (cached for later runs)", flush=True)
             run_host_training(task, host.architecture(), host.train, run_dir, NullTracker(), device=device)
     return run_dir

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
+from sae.atomic_io import MANIFEST, verify_manifest
+from sae.errors import ReportedError
 from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
@@ -23,22 +26,38 @@ def build_sae(cfg: SAEConfig, n_sources: int, d_in: int) -> SparseCoder:
     return SAE_TYPES[cfg.type][1](cfg, n_sources, d_in)
 
 
+class InvalidCheckpointError(ReportedError):
+    """A checkpoint dir whose files do not match their manifest, or hold non-finite weights."""
+
+
 def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
-    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units."""
+    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units.
+
+    The files are verified against the checkpoint's manifest.json and the weights must be finite;
+    a checkpoint written before manifests existed can be adopted with
+    `sae.atomic_io.write_manifest(checkpoint_dir)` once you trust it."""
     checkpoint_dir = Path(checkpoint_dir)
     weights, meta = checkpoint_dir / "sae.safetensors", checkpoint_dir / "sae.json"
     for path in (weights, meta):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: expected a checkpoint dir written by scripts/train.py")
+    problem = verify_manifest(checkpoint_dir)
+    if problem:
+        raise InvalidCheckpointError(f"checkpoint {checkpoint_dir}: {problem}" + (
+            " (written before checkpoints carried manifests? adopt it with sae.atomic_io.write_manifest)"
+            if problem == f"no {MANIFEST}" else ""))
     info = json.loads(meta.read_text())
     config_cls, _ = SAE_TYPES[info["sae"]["type"]]
     sae = build_sae(config_cls(**info["sae"]), info["n_sources"], info["d_in"])
     state = load_file(str(weights), device=device)
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise InvalidCheckpointError(f"checkpoint {checkpoint_dir}: non-finite values in {', '.join(bad)}")
     if info.get("weights_format", 1) == 1:  # W_enc was [n_sources, d_in, d_sae]
         state["W_enc"] = state["W_enc"].permute(2, 0, 1).contiguous()
     sae.load_state_dict(state)
     return sae.to(device)
 
 
-__all__ = ["SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
+__all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
            "TopKSAE", "TopKSAEConfig", "VanillaSAE", "VanillaSAEConfig"]

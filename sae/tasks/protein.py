@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 from omegaconf import MISSING
 
+from sae.atomic_io import file_sha256
 from sae.errors import UserInputError
 
 # The amino-acid letters ESM-2's alphabet holds: the 20 standard residues and X B U Z O.
@@ -210,14 +211,6 @@ def scan_fasta(task: ProteinTaskConfig) -> FastaScan:
                          "both splits need at least one (add records or change test_fraction)")
     scan.sha256 = file_sha256(path)
     return scan
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def token_batches(records: Iterator[ProteinRecord], tokens_per_batch: int) -> Iterator[list[ProteinRecord]]:

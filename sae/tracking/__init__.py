@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sae.atomic_io import atomic_file
 from sae.tracking.base import JsonlTracker, MultiTracker, NullTracker, Tracker
 from sae.tracking.wandb_tracker import TrackingConfig, WandbMode, WandbTracker, check_tracking
 
@@ -22,12 +23,21 @@ def make_tracker(cfg: TrackingConfig, run_dir: Path, config: dict) -> Tracker:
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop records logged after `after_step` (a resumed run logs those steps again)."""
+    """Drop records logged after `after_step` (a resumed run logs those steps again), and a torn
+    last line (a job killed mid-write), so the file is whole JSON lines again."""
     path = Path(path)
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a partial line: only the last write of a killed job can be one
+        if record["step"] <= after_step:
+            kept.append(line)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 __all__ = ["Tracker", "NullTracker", "JsonlTracker", "MultiTracker", "TrackingConfig", "WandbMode",

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from sae.host_models.transformer import GrokTransformer, TransformerArch
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset, vocab_size
-from sae.training.checkpoint import atomic_file, write_json
+from sae.atomic_io import atomic_file, write_json
 from sae.errors import UserInputError
 from sae.tracking.base import Tracker
 
@@ -235,21 +235,27 @@ def plot_host_curves(history: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_host_job(cfg, run_dir: Path) -> dict:
-    """scripts/train_host.py's job. cfg: sae.config.HostTrainConfig."""
+def run_host_job(cfg, run_dir: Path, on_start=None) -> dict:
+    """scripts/train_host.py's job. cfg: sae.config.HostTrainConfig. Checks, then `on_start`, then work."""
+    from sae.run_lock import exclusive_dir
     from sae.tracking import check_tracking, make_tracker
     from sae.training.hardware import apply_threads, check_hardware
 
-    check_hardware(cfg.hardware)
-    check_tracking(cfg.tracking)
-    if (Path(run_dir) / "summary.json").is_file():
-        raise UserInputError(f"{run_dir} already holds a finished host run; choose another hydra.run.dir")
-    apply_threads(cfg.hardware)
-    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    tracker = make_tracker(cfg.tracking, Path(run_dir), config)
-    summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, Path(run_dir),
-                                tracker, device=cfg.hardware.device.value)
-    tracker.finish()
+    run_dir = Path(run_dir)
+    with exclusive_dir(run_dir) as lock:
+        check_hardware(cfg.hardware)
+        check_tracking(cfg.tracking)
+        if (run_dir / "summary.json").is_file():
+            raise UserInputError(f"{run_dir} already holds a finished host run; choose another hydra.run.dir")
+        lock.claim()
+        if on_start is not None:
+            on_start()
+        apply_threads(cfg.hardware)
+        config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+        tracker = make_tracker(cfg.tracking, run_dir, config)
+        summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, run_dir,
+                                    tracker, device=cfg.hardware.device.value)
+        tracker.finish()
     print(f"memorised at step {summary['memorisation_step']}, grokked at step {summary['grokking_step']}; "
           f"final train acc {summary['final']['train/acc']:.3f}, test acc {summary['final']['test/acc']:.3f}\n"
           f"Run dir: {run_dir}  (use it with scripts/train.py host_model.run_dir={run_dir})", flush=True)

@@ -15,7 +15,6 @@ refused, never reused or overwritten.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from sae.errors import UserInputError
 from sae.host_models.config import ESM2HostConfig
 from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm, residue_mask
 from sae.tasks.protein import FastaScan, ProteinRecord, ProteinTaskConfig, read_records, scan_fasta, token_batches
+from sae.run_lock import waiting_lock
 from sae.training.batches import ShardedTable
-from sae.training.checkpoint import atomic_dir, write_json
+from sae.atomic_io import atomic_dir, remove_stale_temps, write_json
 
 SHARD_ROWS = 1 << 16
 CACHE_ROOT = Path("outputs/activations")
@@ -267,8 +267,8 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
     record = cache_record(task, host, scan, dtype)
     cache_dir = cache_dir_for(task, record)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir.parent / f".{cache_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sweep jobs: one builds, the others wait and reuse
+    with waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"):  # concurrent sweep jobs build it once
+        remove_stale_temps(cache_dir.parent, cache_dir.name)  # a build killed mid-way
         if check_cache(cache_dir, record):
             print(f"Reusing activation cache {cache_dir}", flush=True)
         else:

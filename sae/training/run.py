@@ -3,25 +3,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from sae.atomic_io import write_json
 from sae.config import TrainConfig
-from sae.errors import UserInputError
+from sae.errors import ReportedError, UserInputError
 from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
 from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
-from sae.tracking import check_tracking, make_tracker, truncate_jsonl
 from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
+from sae.run_lock import exclusive_dir
+from sae.tracking import check_tracking, make_tracker, truncate_jsonl
 from sae.training.batches import BatchStream, ShardedTable, column_mean
-from sae.training.checkpoint import latest_checkpoint, load_train_state, save_sae_checkpoint, write_json
+from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite_tensor,
+                                     remove_stale_checkpoint_temps, save_sae_checkpoint)
 from sae.training.hardware import apply_threads, check_hardware, host_dtype
-from sae.training.signals import deferred_stop_signals
+from sae.training.signals import StopRequested, deferred_stop_signals
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
+
+log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: they do not alter the trained weights.
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
@@ -47,19 +56,51 @@ def flops_per_step(cfg: TrainConfig, n_sources: int, d_in: int) -> int:
     return 12 * cfg.batch_size * n_sources * d_in * cfg.sae.sparse_dim
 
 
-def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
+class TrainingDivergedError(ReportedError):
+    """A non-finite (or exploded) loss or weight: the run stops without checkpointing it."""
+
+
+# A train FVU this large is divergence, not a bad fit: predicting the batch mean gives 1.
+DIVERGED_FVU = 1e3
+
+
+def ineffective_settings(cfg: TrainConfig) -> list[str]:
+    """Settings that cannot take effect in this run, each as one line that says how to fix it."""
+    notes = []
+    if cfg.sae.sparsity_coef > 0 and cfg.sae.sparsity_warmup_steps > cfg.num_steps:
+        reached = cfg.num_steps / cfg.sae.sparsity_warmup_steps
+        notes.append(f"sae.sparsity_warmup_steps={cfg.sae.sparsity_warmup_steps} > num_steps={cfg.num_steps}: "
+                     f"the sparsity penalty only reaches {reached:.0%} of sae.sparsity_coef; lower "
+                     "sae.sparsity_warmup_steps or raise num_steps")
+    return notes
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, on_start: Callable[[], None] | None = None) -> dict:
+    """Train in `run_dir`, resuming from its newest valid checkpoint. Everything that can refuse
+    the run (a second process in the dir, bad input, a checkpoint of another config) happens
+    before anything is written; then `on_start` runs (the scripts record the job there)."""
     run_dir = Path(run_dir)
-    check_hardware(cfg.hardware)  # every check that can fail comes before any work
-    check_tracking(cfg.tracking)
-    checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
-    previous = latest_checkpoint(run_dir)
-    if previous is not None:
-        check_resumable(previous, cfg)
+    with exclusive_dir(run_dir) as lock:
+        check_hardware(cfg.hardware)
+        check_tracking(cfg.tracking)
+        checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
+        resume = newest_valid_checkpoint(run_dir, cfg.hardware.device.value)
+        if resume is not None:
+            check_resumable(resume.checkpoint, cfg)
+        lock.claim()
+        if on_start is not None:
+            on_start()
+        remove_stale_checkpoint_temps(run_dir)
+        for note in ineffective_settings(cfg):
+            log.warning(note)
+        return train(cfg, run_dir, checked, resume)
+
+
+def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None) -> dict:
     apply_threads(cfg.hardware)
     device = cfg.hardware.device.value
-    state = load_train_state(previous, device) if previous is not None else None
-    if state is not None:
-        truncate_jsonl(run_dir / "metrics.jsonl", state["step"])
+    if resume is not None:
+        truncate_jsonl(run_dir / "metrics.jsonl", resume.state["step"])
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
     data = load_any_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device,
                                     host_dtype(cfg.hardware), checked)
@@ -72,22 +113,26 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     batch_generator = torch.Generator().manual_seed(cfg.seed)
     dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device)
     step, flops = 0, 0
-    if state is not None:
+    if resume is not None:
+        state = resume.state
         sae.load_state_dict(state["sae"])
         optimizer.load_state_dict(state["optimizer"])
         batch_generator.set_state(state["batch_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         dead_latents.load(state)
         step, flops = state["step"], state["flops"]
-        print(f"Resuming from {previous} (step {step}/{cfg.num_steps})", flush=True)
+        print(f"Resuming from {resume.checkpoint} (step {step}/{cfg.num_steps})", flush=True)
     # a sharded (larger-than-memory) table is gathered in a background thread while the step runs
     batches = BatchStream(data.train, cfg.batch_size, batch_generator, device,
                           prefetch=isinstance(data.train, ShardedTable))
     forward = torch.compile(sae) if cfg.hardware.compile else sae
     write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
+    last_saved = resume.state["step"] if resume is not None else None
 
     def save(at_step: int) -> None:
+        nonlocal last_saved
+        check_finite_weights(sae, at_step, cfg, last_saved)  # one sync per save, never a non-finite checkpoint
         train_state = {
             "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_generator": batches.generator_state(), "torch_rng": torch.get_rng_state(),
@@ -95,6 +140,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
         }
         save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
                             config_dict(cfg), train_state)
+        last_saved = at_step
 
     progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
     started = time.time()
@@ -115,6 +161,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             # -- logging, eval and checkpoints at their intervals --
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
+                check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")
@@ -124,10 +171,10 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
             periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
             if on_schedule or periodic or step == cfg.num_steps or pending:
                 save(step)
-            if pending:  # SLURM's time-limit / preemption warning: checkpoint saved, now let submitit requeue
-                print(f"Stop signal at step {step}: checkpoint saved, handing over to the scheduler", flush=True)
+            if pending:
                 tracker.finish()
-                pending.deliver()
+                progress.close()
+                hand_over(pending, step, run_dir)
     progress.close()
     batches.close()
 
@@ -140,6 +187,38 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict:
     print(headline(final, data.source_names, data.row_unit), flush=True)
     print(f"Run dir: {run_dir}", flush=True)
     return summary
+
+
+def hand_over(pending, step: int, run_dir: Path) -> None:
+    """The checkpoint of `step` is saved: stop as the signal asked. SIGTERM (scancel; SLURM before
+    a requeue) ends the run as cancelled; USR1/USR2 (SLURM's time-limit/preemption warning) go to
+    the original handler, i.e. submitit's, which requeues and exits."""
+    if signal.SIGTERM in pending.received:
+        pending.restore()
+        raise StopRequested(f"stopped by SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
+                            "command to resume")
+    print(f"Stop signal at step {step}: checkpoint saved, handing over to the scheduler", flush=True)
+    pending.deliver()
+
+
+def divergence_hint(cfg: TrainConfig, last_saved: int | None) -> str:
+    kept = f"the last checkpoint (step {last_saved}) is finite" if last_saved else "no checkpoint was written"
+    return (f"likely cause: lr={cfg.lr:g} too high for this SAE (or non-finite activations); {kept}. "
+            "Rerun with a lower lr in a new output dir")
+
+
+def check_finite_loss(metrics: dict, step: int, cfg: TrainConfig, last_saved: int | None) -> None:
+    loss, fvu = metrics["train/loss"], metrics["train/fvu"]
+    if not math.isfinite(loss) or not math.isfinite(fvu) or fvu > DIVERGED_FVU:
+        raise TrainingDivergedError(f"training diverged at step {step}: train/loss={loss:.3g}, train/fvu={fvu:.3g}; "
+                                    + divergence_hint(cfg, last_saved))
+
+
+def check_finite_weights(sae: SparseCoder, step: int, cfg: TrainConfig, last_saved: int | None) -> None:
+    bad = non_finite_tensor(dict(sae.named_parameters()))
+    if bad:
+        raise TrainingDivergedError(f"training diverged at step {step}: non-finite values in {bad}, not saved; "
+                                    + divergence_hint(cfg, last_saved))
 
 
 def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: float, dead_mask: torch.Tensor) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Optional
 
 
 class Schedule(str, Enum):
@@ -14,26 +15,39 @@ class Schedule(str, Enum):
 
 @dataclass
 class SchedulerConfig:
-    """`scheduler.*`: linear warm-up from 0, then the named shape down to min_lr_ratio * lr."""
+    """`scheduler.*`: linear warm-up from 0, then the named shape down to min_lr_ratio * lr.
+
+    The warm-up is `warmup_fraction` of the run unless `warmup_steps` is set, so the default
+    works for any num_steps (a fixed 100 steps refused every run of <= 100 steps)."""
 
     name: Schedule = Schedule.constant
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None  # null = warmup_fraction * num_steps
+    warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0  # cosine / linear_decay end at this fraction of lr
 
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ValueError(f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"scheduler.warmup_steps must be >= 0 or null, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"scheduler.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def warmup_for(self, num_steps: int) -> int:
+        """Warm-up steps of a run of num_steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(self.warmup_fraction * num_steps)
 
 
 def lr_at(step: int, lr: float, num_steps: int, cfg: SchedulerConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `num_steps`."""
-    if step < cfg.warmup_steps:
-        return lr * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_for(num_steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
     if cfg.name is Schedule.constant:
         return lr
-    progress = (step - cfg.warmup_steps) / max(1, num_steps - 1 - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, num_steps - 1 - warmup)
     progress = min(1.0, progress)
     if cfg.name is Schedule.cosine:
         shape = 0.5 * (1 + math.cos(math.pi * progress))

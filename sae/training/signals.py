@@ -1,9 +1,10 @@
-"""Stop at a step boundary when the scheduler asks: a checkpoint first, then the original handler.
+"""Stop at a step boundary when asked: a checkpoint first, then the stop.
 
 SLURM (through submitit's `--signal=USR2@...`) warns a job before its time limit or when it is
 preempted; submitit's handler then requeues the job and exits at once, wherever the training
-loop happens to be. Deferring the signal to the end of the current step lets the loop save a
-consistent checkpoint of exactly that step, so the requeued job loses nothing.
+loop happens to be. `scancel`, and SLURM before a requeue, send SIGTERM, which submitit ignores
+("bypass") until SIGKILL follows. Deferring these signals to the end of the current step lets the
+loop save a consistent checkpoint of exactly that step, so nothing is lost either way.
 """
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import signal
 import threading
 from typing import Iterator
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopRequested(SystemExit):
+    """SIGTERM (scancel, or SLURM before a requeue) during training: the step was checkpointed.
+    Exits with 128 + SIGTERM, as a process killed by it would."""
+
+    def __init__(self, message: str, status: str = "cancelled"):
+        super().__init__(128 + signal.SIGTERM)
+        self.message, self.status = message, status
 
 
 class PendingSignals:

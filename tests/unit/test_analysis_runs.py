@@ -15,6 +15,7 @@ from sae.analysis.runs import RunDirError, compose_train_config, load_sae_run, t
 from sae.analysis.steering import random_control, source_view, train_host_with_clamp
 from sae.errors import UserInputError
 from sae.saes import build_sae
+from sae.atomic_io import write_manifest
 from sae.training.checkpoint import latest_checkpoint, load_train_state
 from sae.training.host import run_host_training
 from sae.tracking.base import NullTracker
@@ -83,8 +84,10 @@ def test_run_dirs_lacking_what_an_analysis_needs_say_what_to_run(tmp_path, cross
         load_sae_run(unfinished)
     moved = tmp_path / "moved"
     shutil.copytree(crosscoder_dir, moved)
-    meta_path = latest_checkpoint(moved) / "sae.json"
+    checkpoint = latest_checkpoint(moved)
+    meta_path = checkpoint / "sae.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "host_run_dir": str(tmp_path / "gone")}))
+    write_manifest(checkpoint)  # as if the run had been trained against a host dir that is gone now
     with pytest.raises(RunDirError, match="which is gone"):
         load_sae_run(moved)
 
@@ -110,7 +113,7 @@ def test_generalisation_latents_are_the_highest_r_among_those_firing_on_test_pai
     chosen = generalisation_latents(crosscoder, 5)
     r = relative_decoder_norms(crosscoder.sae, PRE, POST)
     fires = (crosscoder.sae.encode(crosscoder.data.test) > 0).any(dim=0)
-    brute = sorted(torch.where(fires)[0].tolist(), key=lambda i: -r[i].item())[:5]
+    brute = sorted(torch.where(fires)[0].tolist(), key=lambda i: -r[i].item())[:5]  # stable: ties by index
     assert chosen.tolist() == brute
 
 

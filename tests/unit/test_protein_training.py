@@ -7,42 +7,53 @@ import torch
 from sae.errors import UserInputError
 from sae.host_models.esm2 import load_fair_esm
 from sae.metrics.protein_mlm import bert_mask, masked_lm_metrics
-from sae.tasks.protein import read_records
+from sae.tasks.protein import read_records, token_batches
 from sae.training import protein_activations
 from sae.training.protein_activations import load_protein_activation_data
 from sae.training.run import run_training
 from tests.conftest import tiny_protein_config
 
 
-def reference_rows(checkpoint, task, layer, split="train"):
-    """Residue activations from fair-esm's own forward, one record at a time (no batching, no padding)."""
+def reference_by_record(checkpoint, task, layer, split="train") -> dict[str, torch.Tensor]:
+    """{record id: [residues, d] activations} from fair-esm's own forward, one record at a time
+    (no batching, no padding)."""
     model, alphabet = load_fair_esm(str(checkpoint), "esm2_t6_8M_UR50D")
     convert = alphabet.get_batch_converter()
-    rows = []
+    rows = {}
     with torch.no_grad():
         for record in read_records(task):
             if record.is_test == (split == "test"):
                 _, _, tokens = convert([(record.id, record.sequence)])
-                rows.append(model(tokens, repr_layers=[layer])["representations"][layer][0, 1:-1])
-    return torch.cat(rows)
+                rows[record.id] = model(tokens, repr_layers=[layer])["representations"][layer][0, 1:-1]
+    return rows
 
 
-def sorted_rows(rows):
-    """Rows in a canonical order (batching sorts records by length, so the order differs)."""
-    key = rows @ torch.linspace(1, 2, rows.shape[-1])
-    return rows[key.argsort()]
+def cache_row_ids(task, split="train") -> list[tuple[str, int]]:
+    """(record id, residue position) of every cache row, in the order the cache writes them: the
+    batches of `token_batches`, records within a batch, residues within a record."""
+    records = (r for r in read_records(task) if r.is_test == (split == "test"))
+    return [(record.id, position) for batch in token_batches(records, task.tokens_per_batch)
+            for record in batch for position in range(len(record.sequence))]
 
 
 def test_cached_activations_equal_fair_esm_on_residues_only(tmp_path, tiny_esm2_files):
+    """Rows are matched by identity (record, position), never by sorting on a float key: a float
+    key of the same row can round differently on another CPU and swap near-tied rows. Tolerance:
+    torch's float32 defaults (batched and padded vs one-record forwards differ by rounding only)."""
     cfg = tiny_protein_config(tmp_path, tiny_esm2_files[:1], layers=(1, 2))
     cfg.task.max_train_tokens = 10**6  # everything
     data = load_protein_activation_data(cfg.task, cfg.host_model, normalize=False, device="cpu")
+    row_ids = cache_row_ids(cfg.task)
+    assert data.train.shape[0] == len(row_ids) == data.scan.train_residues  # no cls/eos/padding rows
     for s, layer in enumerate((1, 2)):
-        expected = reference_rows(tiny_esm2_files[0], cfg.task, layer)
-        assert data.train.shape[0] == len(expected) == data.scan.train_residues  # no cls/eos/padding rows
-        torch.testing.assert_close(sorted_rows(data.train[:, s]), sorted_rows(expected), rtol=0, atol=1e-5)
-    expected_test = reference_rows(tiny_esm2_files[0], cfg.task, 2, "test")[: cfg.task.max_test_tokens]
-    assert data.test.shape == (len(expected_test), 2, 32)
+        reference = reference_by_record(tiny_esm2_files[0], cfg.task, layer)
+        expected = torch.stack([reference[record_id][position] for record_id, position in row_ids])
+        torch.testing.assert_close(data.train[:, s], expected)
+    test_ids = cache_row_ids(cfg.task, "test")[: cfg.task.max_test_tokens]
+    reference = reference_by_record(tiny_esm2_files[0], cfg.task, 2, "test")
+    expected_test = torch.stack([reference[record_id][position] for record_id, position in test_ids])
+    assert data.test.shape == (len(test_ids), 2, 32)
+    torch.testing.assert_close(data.test[:, 1], expected_test)
 
 
 def test_cache_is_sharded_reused_and_refused_when_the_config_differs(tmp_path, tiny_esm2_files, monkeypatch):
