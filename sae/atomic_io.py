@@ -54,7 +54,7 @@ def _temp_prefix(final: Path) -> str:
 
 
 @contextlib.contextmanager
-def _disk_full_as_one_line(where: Path) -> Iterator[None]:
+def disk_full_as_one_line(where: Path) -> Iterator[None]:
     """Turn a write that failed for lack of space into DiskFullError (before the temp is removed,
     so the free space seen is the one the write ran into)."""
     try:
@@ -88,7 +88,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
-        with _disk_full_as_one_line(final.parent):
+        with disk_full_as_one_line(final.parent):
             yield tmp
         _give_normal_permissions(tmp)
         if final.exists():  # rename over a non-empty dir is not allowed: move the old one aside
@@ -119,7 +119,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         os.chmod(name, 0o666 & ~current_umask())
-        with _disk_full_as_one_line(final.parent):
+        with disk_full_as_one_line(final.parent):
             yield Path(name)
         os.replace(name, final)
     finally:

@@ -26,10 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae.atomic_io import atomic_file, write_json
 from sae.config import to_dataclass
 from sae.errors import ReportedError
-from sae.run_lock import HOLDER_NAME, LOCK_NAME
 from sae.training.signals import StopRequested
-
-LOCK_FILES = (LOCK_NAME, HOLDER_NAME)
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +130,12 @@ class JobRecords:
     def refused(self, error: str, is_sweep_job: bool) -> None:
         """A job stopped before start(): leave an existing dir untouched; a new sweep job dir gets a
         record for the summary; a new single-run dir (created empty by Hydra) is removed."""
-        if any(p.name not in LOCK_FILES for p in self.output_dir.iterdir()):
+        if any(self.output_dir.iterdir()):
             return
         if is_sweep_job:
             self.write_hydra_files()
             self.finish("failed", error)
         else:
-            for name in LOCK_FILES:
-                (self.output_dir / name).unlink(missing_ok=True)
             self.output_dir.rmdir()
 
 

@@ -3,9 +3,10 @@
 Two processes in one dir (the same command started twice, a requeue racing a manual rerun) would
 both train, interleave their metrics and overwrite each other's checkpoints. The second one is
 refused before any work, in one line naming the dir and the holder. The lock is the kernel's
-(flock through filelock), so a holder killed with SIGKILL releases it; the holder file beside it
-(`.lock.holder`: pid, host, start time) is written only once the run has passed its checks, so a
-refused run writes nothing.
+(flock through filelock), so a holder killed with SIGKILL releases it. It lives beside the run dir
+(`.<name>.lock` in its parent), never inside it, so that a refused run leaves the run dir byte for
+byte as it was; the holder record (`.<name>.lock.holder`: pid, host, start time) is written once
+the run has passed its checks and removed when it ends.
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from filelock import FileLock, Timeout
 
 from sae.errors import ReportedError
 
-LOCK_NAME = ".lock"
-HOLDER_NAME = ".lock.holder"
 
 
 class RunDirBusyError(ReportedError):
@@ -32,8 +31,9 @@ class RunDirBusyError(ReportedError):
 
 class RunDirLock:
     def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.holder_file = self.run_dir / HOLDER_NAME
+        self.run_dir = Path(run_dir).resolve()
+        self.lock_file = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        self.holder_file = self.run_dir.parent / f".{self.run_dir.name}.lock.holder"
 
     def claim(self) -> None:
         """Say who holds the dir (call once the run's checks passed: a refused run writes nothing)."""
@@ -55,7 +55,7 @@ def exclusive_dir(directory: Path, what: str = "run dir") -> Iterator[RunDirLock
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = RunDirLock(directory)
-    file_lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    file_lock = FileLock(str(lock.lock_file), timeout=0)
     try:
         file_lock.acquire()
     except Timeout:

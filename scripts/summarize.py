@@ -1,9 +1,12 @@
-"""Summarise a --multirun sweep: `python scripts/summarize.py outputs/sweeps/<date>/<time>`.
+"""Summarise a --multirun sweep: every planned job, its status and final metrics.
 
-Writes summary.csv, summary.md (with failed jobs and their log tails) and frontier.png
-(FVU vs L0 per SAE type) into the sweep dir, and prints the Markdown table.
+Writes summary.csv, summary.md (with the jobs that did not complete, their one-line error and log
+tail) and frontier.png (FVU vs L0 per SAE type, only when some job completed) into the sweep dir,
+prints the Markdown table, and exits 1 unless every planned job completed.
 """
+import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -11,19 +14,21 @@ from sae.analysis.sweep_summary import summarise, write_reports  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep dir, e.g. outputs/sweeps/<date>/<time>")
+    args = parser.parse_args(argv)
     try:
-        jobs = summarise(Path(argv[0]))
+        jobs = summarise(args.sweep_dir)
     except FileNotFoundError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
-    paths = write_reports(jobs, Path(argv[0]))
+    paths = write_reports(jobs, args.sweep_dir)
     print(paths["markdown"].read_text())
-    completed = sum(j.status == "completed" for j in jobs)
-    print(f"{completed}/{len(jobs)} jobs completed; wrote {', '.join(str(p) for p in paths.values())}")
-    return 0 if completed == len(jobs) else 1
+    counts = Counter(j.status for j in jobs)
+    others = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "completed")
+    print(f"{counts['completed']}/{len(jobs)} jobs completed{f' ({others})' if others else ''}; "
+          f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0 if counts["completed"] == len(jobs) else 1
 
 
 if __name__ == "__main__":

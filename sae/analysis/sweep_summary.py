@@ -1,9 +1,12 @@
-"""Summarise a sweep dir: one row per job (its overrides and final metrics), failed jobs with the
-tail of their logs, and the FVU-vs-L0 frontier per SAE type.
+"""Summarise a sweep dir: one row per planned job (its overrides and final metrics), the jobs that
+did not complete with their one-line error and log tail, and the FVU-vs-L0 frontier per SAE type.
 
-A job dir is any subdir holding `.hydra/overrides.yaml` (Hydra writes it when the job starts).
-Its status: `completed` (final_metrics.json), `failed` (job.json says so, with the error), or
-`incomplete` (started, never finished: killed, cancelled, or still running).
+The planned jobs are expanded from the sweep's multirun.yaml (Hydra writes it before any job), so
+a job that never started (cancelled while pending, or the sweep was stopped) is listed too. A job
+dir holds `.hydra/overrides.yaml` once the job has passed its checks (or was refused in a new
+dir). Status: `completed` (final_metrics.json), `failed` / `cancelled` / `requeued` (job.json
+says so, with the error), `incomplete` (started, never finished: killed or still running),
+`not started` (no job dir).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from sae.atomic_io import atomic_file
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
 LOG_TAIL_LINES = 20
+ERROR_CHARS = 160  # of a job's one-line error in the table (summary.md has it whole)
 
 
 @dataclass
@@ -27,6 +31,7 @@ class JobResult:
     metrics: dict = field(default_factory=dict)
     log_tail: str = ""
     slurm_job_id: str | None = None
+    error: str = ""  # the job's one-line error (job.json)
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
@@ -47,7 +52,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     result = JobResult(str(job_dir.relative_to(sweep_dir)), overrides, status,
                        config.get("sae", {}).get("type"), metrics, slurm_job_id=info.get("slurm_job_id"))
     if status != "completed":
-        result.log_tail = info.get("error", "") + "\n" + log_tail(job_dir, sweep_dir, result.slurm_job_id)
+        result.error = info.get("error", "")
+        result.log_tail = log_tail(job_dir, sweep_dir, result.slurm_job_id)
     return result
 
 
@@ -65,13 +71,45 @@ def log_tail(job_dir: Path, sweep_dir: Path, slurm_job_id: str | None) -> str:
     return "(no log found)"
 
 
+def planned_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]]:
+    """(job dir name, overrides) of every job the sweep's multirun.yaml asks for, in job order;
+    [] when there is no multirun.yaml or its overrides cannot be expanded here."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from sae.config import sweep_subdir
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    saved = OmegaConf.load(path)
+    params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(saved.hydra.overrides.task)
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    except Exception:  # e.g. glob(...) sweeps need the config repository to expand
+        return []
+    jobs = [overrides for batch in batches for overrides in batch]
+    return [(sweep_subdir(num, overrides, str(sweep_dir)), overrides) for num, overrides in enumerate(jobs)]
+
+
 def summarise(sweep_dir: Path) -> list[JobResult]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a directory: pass a sweep dir such as outputs/sweeps/<date>/<time>")
-    jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
+    found = {str(d.relative_to(sweep_dir)): d for d in find_job_dirs(sweep_dir)}
+    jobs = []
+    for name, overrides in planned_jobs(sweep_dir):
+        if name in found:
+            jobs.append(read_job(found.pop(name), sweep_dir))
+        else:
+            jobs.append(JobResult(name, overrides, "not started", None,
+                                  log_tail="no job dir: cancelled while pending, or the sweep was stopped first"))
+    jobs += [read_job(d, sweep_dir) for d in found.values()]  # dirs the plan does not name (older sweeps)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir} holds no job dirs (no */.hydra/overrides.yaml): is it a --multirun sweep dir?")
+        raise FileNotFoundError(f"{sweep_dir} holds no job dirs (no */.hydra/overrides.yaml) and no multirun.yaml: "
+                                "is it a --multirun sweep dir?")
     return jobs
 
 
@@ -79,9 +117,9 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md", "frontier": sweep_dir / "frontier.png"}
     swept = varying_keys(jobs)
-    header = ["job", "status", "sae_type", *swept, *METRIC_COLUMNS]
+    header = ["job", "status", "sae_type", *swept, *METRIC_COLUMNS, "error"]
     rows = [[j.name.split("_", 1)[0], j.status, j.sae_type or "", *[override_value(j, k) for k in swept],
-             *[j.metrics.get(c, "") for c in METRIC_COLUMNS]] for j in jobs]
+             *[j.metrics.get(c, "") for c in METRIC_COLUMNS], j.error[:ERROR_CHARS].replace("|", "/")] for j in jobs]
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -90,10 +128,15 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     if failed:
         lines += ["", f"## {len(failed)} job(s) did not complete", ""]
         for job in failed:
-            lines += [f"### {job.name} ({job.status}, SLURM job {job.slurm_job_id or '?'})", "```", job.log_tail.strip(), "```"]
+            lines += [f"### {job.name} ({job.status}, SLURM job {job.slurm_job_id or '?'})", "",
+                      f"Error: {job.error}" if job.error else "", "```", job.log_tail.strip(), "```"]
     with atomic_file(paths["markdown"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    plot_frontier(jobs, paths["frontier"])
+    if any(j.status == "completed" and j.sae_type for j in jobs):
+        plot_frontier(jobs, paths["frontier"])
+    else:  # never an empty plot; never a stale one from an earlier summary either
+        paths["frontier"].unlink(missing_ok=True)
+        del paths["frontier"]
     return paths
 
 

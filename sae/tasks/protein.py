@@ -1,26 +1,32 @@
 """`task=protein_mlm`: protein sequences from a FASTA file (biopython), validated, streamed, split,
 cropped and batched for an ESM-2 host.
 
-- Streamed: records are read one at a time, so a FASTA larger than memory works.
+- Streamed: records are read one at a time, so a FASTA larger than memory works; gzipped files
+  (`.fasta.gz`, as UniProt/UniRef ship them) are decompressed on the fly.
 - Validated by `scan_fasta` before any work: not FASTA / empty file, duplicated ids, empty records,
   characters outside the amino-acid alphabet. `task.invalid_residues` says what happens to a record
   with a bad character: `error` (default, names file, record id and position), `skip` (dropped and
   counted), `replace_with_X` (each bad character becomes X, counted). Empty records are an error
   unless the policy is skip. Counts are reported; nothing is dropped silently.
 - Split by record: a record is held out when a hash of (seed, id) falls below `test_fraction`,
-  so the split does not depend on file order or on other records.
+  so the split does not depend on file order or on other records. `test_fraction=0` holds nothing
+  out and evaluates on the training records (labelled so in the run's results): for a FASTA too
+  small to split.
 - Cropped: a record longer than `max_length` residues is cut to a window of that length at an
-  offset drawn from (seed, id), the same window every run.
+  offset drawn from (seed, id), the same window every run (the scan reports how many, the longest).
+- Headers that are not UTF-8 are read with replacement characters and counted in a warning.
 - Batched by a token budget: a batch holds at most `tokens_per_batch` padded tokens (cls and eos
   included), records sorted by length within a read-ahead buffer to waste little padding.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 from omegaconf import MISSING
 
@@ -50,7 +56,7 @@ class ProteinTaskConfig:
     fasta: str = MISSING
     max_length: int = 1022  # residues per record (ESM-2's context is 1024 tokens incl. cls, eos)
     tokens_per_batch: int = 8192  # padded tokens per forward pass
-    test_fraction: float = 0.1  # records held out (by a hash of their id)
+    test_fraction: float = 0.1  # records held out (by a hash of their id); 0 = evaluate on the training records
     invalid_residues: InvalidResidues = InvalidResidues.error
     max_train_tokens: int = 200_000  # residue activations kept for SAE training (bounds memory)
     max_test_tokens: int = 20_000
@@ -69,8 +75,9 @@ class ProteinTaskConfig:
         if self.tokens_per_batch < self.max_length + 2:
             raise ValueError(f"task.tokens_per_batch must be >= task.max_length + 2 = {self.max_length + 2} "
                              f"(one cropped record with cls and eos), got {self.tokens_per_batch}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"task.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"task.test_fraction must be in [0, 1), got {self.test_fraction} "
+                             "(0 = no held-out records: evaluate on the training records)")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"task.mask_prob must be in (0, 1), got {self.mask_prob}")
 
@@ -93,22 +100,43 @@ class FastaScan:
     test_residues: int = 0
     skipped_records: int = 0
     replaced_residues: int = 0
+    cropped_records: int = 0
+    longest: int = 0  # residues of the longest record, before cropping
+    non_utf8_headers: int = 0
     sha256: str = ""
 
-    def report(self, path: str) -> str:
+    def report(self, path: str, task: ProteinTaskConfig) -> str:
         changed = []
         if self.skipped_records:
             changed.append(f"skipped {self.skipped_records} record(s) (task.invalid_residues=skip)")
         if self.replaced_residues:
             changed.append(f"replaced {self.replaced_residues} residue(s) with X")
-        return (f"{path}: {self.records} records ({self.train_records} train / {self.test_records} held out), "
-                f"{self.train_residues} / {self.test_residues} residues after cropping"
-                + (f"; {', '.join(changed)}" if changed else ""))
+        if self.cropped_records:
+            changed.append(f"cropped {self.cropped_records} record(s) longer than task.max_length={task.max_length} "
+                           f"(longest {self.longest} residues) to a window of {task.max_length}")
+        split = (f"{self.train_records} train / {self.test_records} held out" if task.test_fraction > 0 else
+                 f"{self.train_records} train, none held out (task.test_fraction=0: evaluated on training records)")
+        return (f"{path}: {self.records} records ({split}), {self.train_residues} / {self.test_residues} residues "
+                f"after cropping" + (f"; {', '.join(changed)}" if changed else ""))
+
+    def warnings(self, path: str) -> list[str]:
+        if not self.non_utf8_headers:
+            return []
+        return [f"task.fasta: {path}: {self.non_utf8_headers} record header(s) are not UTF-8; their undecodable "
+                "bytes were replaced by U+FFFD in the record ids"]
 
 
 def is_held_out(record_id: str, task: ProteinTaskConfig) -> bool:
     digest = hashlib.sha256(f"{task.seed}:{record_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < task.test_fraction
+
+
+def in_split(record: ProteinRecord, split: str, task: ProteinTaskConfig) -> bool:
+    """Whether `record` belongs to `split` ("train" or "test"); with test_fraction=0 the test split
+    is the training records (nothing is held out)."""
+    if split == "test" and task.test_fraction == 0:
+        return True
+    return record.is_test == (split == "test")
 
 
 def crop(sequence: str, record_id: str, task: ProteinTaskConfig) -> str:
@@ -121,9 +149,37 @@ def crop(sequence: str, record_id: str, task: ProteinTaskConfig) -> str:
     return sequence[start:start + task.max_length]
 
 
-def _check_looks_like_fasta(path: Path) -> None:
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as handle:
-        head = handle.read(4096)
+        return handle.read(2) == GZIP_MAGIC
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed on the fly if it is gzipped (streaming, whatever its size)."""
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise FastaError(f"task.fasta: {path} is a directory, expected a FASTA file (.fasta, .fa or .fasta.gz)")
+    if not path.exists():
+        raise FastaError(f"task.fasta: file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        raise FastaError(f"task.fasta: cannot read {path}: {error.strerror or error}") from None
+
+
+def _check_looks_like_fasta(path: Path) -> None:
+    try:
+        with _open_binary(path) as handle:
+            head = handle.read(4096)
+    except (OSError, EOFError) as error:  # a damaged .gz
+        raise FastaError(f"task.fasta: {path} is gzipped but does not decompress ({error})") from None
     if not head.strip():
         raise FastaError(f"task.fasta: {path} is empty (no FASTA records)")
     if head.startswith(b"\xef\xbb\xbf"):
@@ -158,21 +214,22 @@ def _clean(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -
     return "".join(chars), len(bad)
 
 
-def _parse(path: Path) -> Iterator[tuple[str, str]]:
+def _parse(path: Path) -> Iterator[tuple[str, str, bool]]:
+    """(id, sequence, whether the header was valid UTF-8) per record, streamed."""
     from Bio import SeqIO
 
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as handle:
         try:
             for record in SeqIO.parse(handle, "fasta"):
-                yield record.id, str(record.seq)
-        except ValueError as error:
+                yield record.id, str(record.seq), "\ufffd" not in record.description
+        except (ValueError, OSError, EOFError) as error:
             raise FastaError(f"task.fasta: {path}: {str(error).splitlines()[0]}") from None
 
 
 def read_records(task: ProteinTaskConfig) -> Iterator[ProteinRecord]:
     """Stream validated, cropped records (train and held-out, in file order)."""
     path = Path(task.fasta)
-    for record_id, sequence in _parse(path):
+    for record_id, sequence, _ in _parse(path):
         cleaned, _ = _clean(record_id, sequence, path, task.invalid_residues)
         if cleaned is not None:
             yield ProteinRecord(record_id, crop(cleaned, record_id, task), is_held_out(record_id, task))
@@ -181,22 +238,24 @@ def read_records(task: ProteinTaskConfig) -> Iterator[ProteinRecord]:
 def scan_fasta(task: ProteinTaskConfig) -> FastaScan:
     """One streaming pass that validates the whole file before any work, and counts what is there."""
     path = Path(task.fasta)
-    if not path.is_file():
-        raise FastaError(f"task.fasta: file not found: {path}")
+    _check_readable(path)
     _check_looks_like_fasta(path)
     scan, seen_ids = FastaScan(), set()
-    for record_id, sequence in _parse(path):
+    for record_id, sequence, utf8_header in _parse(path):
         key = hashlib.blake2b(record_id.encode(), digest_size=8).digest()  # small, for huge files
         if key in seen_ids:
             raise FastaError(f"task.fasta: {path}: record id '{record_id}' appears more than once "
                              "(ids must be unique: the held-out split is by id)")
         seen_ids.add(key)
+        scan.non_utf8_headers += not utf8_header
         cleaned, replaced = _clean(record_id, sequence, path, task.invalid_residues)
         if cleaned is None:
             scan.skipped_records += 1
             continue
         scan.records += 1
         scan.replaced_residues += replaced
+        scan.longest = max(scan.longest, len(cleaned))
+        scan.cropped_records += len(cleaned) > task.max_length
         length = min(len(cleaned), task.max_length)
         if is_held_out(record_id, task):
             scan.test_records, scan.test_residues = scan.test_records + 1, scan.test_residues + length
@@ -205,10 +264,16 @@ def scan_fasta(task: ProteinTaskConfig) -> FastaScan:
     if scan.records == 0:
         raise FastaError(f"task.fasta: {path} holds no usable records "
                          f"({scan.skipped_records} skipped by task.invalid_residues)")
-    if scan.train_records == 0 or scan.test_records == 0:
-        raise FastaError(f"task.fasta: {path}: {scan.records} record(s) give {scan.train_records} train and "
-                         f"{scan.test_records} held-out records at task.test_fraction={task.test_fraction}; "
-                         "both splits need at least one (add records or change test_fraction)")
+    if scan.train_records == 0:
+        raise FastaError(f"task.fasta: {path}: all {scan.records} record(s) are held out at "
+                         f"task.test_fraction={task.test_fraction}; lower it (e.g. task.test_fraction=0 to train and "
+                         "evaluate on every record) or add records")
+    if scan.test_records == 0 and task.test_fraction > 0:
+        raise FastaError(f"task.fasta: {path}: none of its {scan.records} record(s) falls in the held-out split at "
+                         f"task.test_fraction={task.test_fraction}; add records, raise task.test_fraction, or set "
+                         "task.test_fraction=0 to evaluate on the training records (reported as such)")
+    if task.test_fraction == 0:
+        scan.test_records, scan.test_residues = scan.train_records, scan.train_residues
     scan.sha256 = file_sha256(path)
     return scan
 

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from sae.atomic_io import disk_full_as_one_line
+
 
 class Tracker(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
@@ -29,8 +31,9 @@ class JsonlTracker:
         self._file = self.path.open("a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        with disk_full_as_one_line(self.path.parent):
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
 
     def finish(self) -> None:
         self._file.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -27,10 +28,13 @@ import torch
 from sae.errors import UserInputError
 from sae.host_models.config import ESM2HostConfig
 from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm, residue_mask
-from sae.tasks.protein import FastaScan, ProteinRecord, ProteinTaskConfig, read_records, scan_fasta, token_batches
+from sae.tasks.protein import (FastaScan, ProteinRecord, ProteinTaskConfig, in_split, read_records, scan_fasta,
+                               token_batches)
 from sae.run_lock import waiting_lock
 from sae.training.batches import ShardedTable
 from sae.atomic_io import atomic_dir, remove_stale_temps, write_json
+
+log = logging.getLogger(__name__)
 
 SHARD_ROWS = 1 << 16
 CACHE_ROOT = Path("outputs/activations")
@@ -74,13 +78,16 @@ class ProteinActivationData:
     def meta(self) -> dict:
         from sae.training.activations import sources_meta
 
-        return {**sources_meta(self.sources), "token_positions": "residues", "activation_cache": str(self.cache_dir)}
+        test_split = ("training records (task.test_fraction=0: nothing held out)" if self.task.test_fraction == 0
+                      else "held-out records")
+        return {**sources_meta(self.sources), "token_positions": "residues", "activation_cache": str(self.cache_dir),
+                "test_split": test_split}
 
     def eval_records(self, split: str) -> list[ProteinRecord]:
         """The first task.eval_sequences records of a split, in file order: the masked-LM eval set
         (read once, then kept)."""
         if split not in self.eval_sets:
-            records = (r for r in read_records(self.task) if r.is_test == (split == "test"))
+            records = (r for r in read_records(self.task) if in_split(r, split, self.task))
             self.eval_sets[split] = list(islice(records, self.task.eval_sequences))
         return self.eval_sets[split]
 
@@ -104,7 +111,9 @@ def check_protein_inputs(task: ProteinTaskConfig, host: ESM2HostConfig, device: 
         if entry != "pretrained":
             check_local_checkpoint(entry)
     scan = scan_fasta(task)
-    print(scan.report(task.fasta), flush=True)
+    print(scan.report(task.fasta, task), flush=True)
+    for warning in scan.warnings(task.fasta):
+        log.warning(warning)
     return CheckedProteinInputs(scan, load_protein_sources(host, device, dtype))
 
 
@@ -225,7 +234,7 @@ def write_split(sources: list[ProteinSource], task: ProteinTaskConfig, alphabet,
                 max_rows: int) -> int:
     """Stream the split's records through the host(s) into shards of SHARD_ROWS rows; stop at max_rows."""
     out.mkdir(parents=True)
-    records = (r for r in read_records(task) if r.is_test == (split == "test"))
+    records = (r for r in read_records(task) if in_split(r, split, task))
     writer, written = ShardWriter(out), 0
     for batch in token_batches(records, task.tokens_per_batch):
         acts = residue_activations(sources, batch, alphabet).cpu()[: max_rows - written]

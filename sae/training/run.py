@@ -144,39 +144,41 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None) -> di
 
     progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
     started = time.time()
-    with deferred_stop_signals() as pending:
-        while step < cfg.num_steps:
-            # -- one optimisation step (no host syncs here) --
-            lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
-            x = batches.next()
-            out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
-                                          cfg.hardware)
-            step, flops = step + 1, flops + step_flops
-            dead_latents.update(out, cfg.batch_size, step)
-            progress.update(1)
+    try:
+        with deferred_stop_signals() as pending:
+            while step < cfg.num_steps:
+                # -- one optimisation step (no host syncs here) --
+                lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
+                x = batches.next()
+                out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
+                                              cfg.hardware)
+                step, flops = step + 1, flops + step_flops
+                dead_latents.update(out, cfg.batch_size, step)
+                progress.update(1)
 
-            # -- logging, eval and checkpoints at their intervals --
-            if step % cfg.log_every == 0 or step == cfg.num_steps:
-                metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
-                check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
-                tracker.log(metrics, step)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
-                                     l0=f"{metrics['train/l0']:.1f}")
-            if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                tracker.log(evaluate(sae, data), step)
-            on_schedule = crosses_flop_boundary(flops - step_flops, flops)
-            periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-            if on_schedule or periodic or step == cfg.num_steps or pending:
-                save(step)
-            if pending:
-                tracker.finish()
-                progress.close()
-                hand_over(pending, step, run_dir)
-    progress.close()
-    batches.close()
+                # -- logging, eval and checkpoints at their intervals --
+                if step % cfg.log_every == 0 or step == cfg.num_steps:
+                    metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
+                    check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
+                    tracker.log(metrics, step)
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
+                                         l0=f"{metrics['train/l0']:.1f}")
+                if step % cfg.eval_every == 0 or step == cfg.num_steps:
+                    tracker.log(evaluate(sae, data), step)
+                on_schedule = crosses_flop_boundary(flops - step_flops, flops)
+                periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+                if on_schedule or periodic or step == cfg.num_steps or pending:
+                    save(step)
+                if pending:
+                    tracker.finish()
+                    progress.close()
+                    hand_over(pending, step, run_dir)
+    finally:  # a stop or an error leaves the terminal on a fresh line for its message
+        progress.close()
+        batches.close()
 
     final = evaluate(sae, data)
     summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
@@ -195,7 +197,7 @@ def hand_over(pending, step: int, run_dir: Path) -> None:
     the original handler, i.e. submitit's, which requeues and exits."""
     if signal.SIGTERM in pending.received:
         pending.restore()
-        raise StopRequested(f"stopped by SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
+        raise StopRequested(f"SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
                             "command to resume")
     print(f"Stop signal at step {step}: checkpoint saved, handing over to the scheduler", flush=True)
     pending.deliver()

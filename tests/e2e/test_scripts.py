@@ -53,6 +53,12 @@ def test_train_host_script_then_sae_on_its_run(tmp_path):
     (["hardware=cuda"], "Error: hardware.device=cuda but torch sees no CUDA device"),
     (["host_model.checkpoints=[missing/step.safetensors]"], "Error: host_model.checkpoints: file not found: missing/step.safetensors"),
     (["host_model.run_dir=nowhere"], "Error: host_model.run_dir=nowhere holds no finished host run"),
+    (["sae.kk=50"], "Error: Could not override 'sae.kk': Key 'kk' not in 'TopKSAEConfig' (full key: sae.kk)"),
+    (["sae=topkk"], "Error: Could not find 'sae/topkk' (available options: topk, topk_k50, vanilla)"),
+    (["hardware.device=gpu"], "Error: Error merging override hardware.device=gpu: Invalid value 'gpu', expected one "
+                              "of [cpu, cuda] (full key: hardware.device)"),
+    (["sae.k=fifty"], "Error: Error merging override sae.k=fifty: Value 'fifty' of type 'str' could not be converted "
+                      "to Integer (full key: sae.k)"),
 ])
 def test_bad_input_fails_in_one_line_before_any_work(tmp_path, overrides, message):
     if "cuda" in overrides[0]:
@@ -65,11 +71,14 @@ def test_bad_input_fails_in_one_line_before_any_work(tmp_path, overrides, messag
     (existing / "checkpoints").mkdir(parents=True)
     (existing / "keep.txt").write_text("earlier results")
     result = run_script("train.py", *overrides, f"hydra.run.dir={existing}", cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [message] or message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in existing.iterdir()) == ["checkpoints", "keep.txt"]  # no .hydra/, job.json, log
     assert (existing / "keep.txt").read_text() == "earlier results"
     assert not (tmp_path / "outputs").exists()  # no host was trained
+    fresh = run_script("train.py", *overrides, f"hydra.run.dir={tmp_path / 'fresh'}", cwd=tmp_path)
+    assert fresh.returncode == 1 and not (tmp_path / "fresh").exists()  # a refused new run leaves no empty dir
 
 
 def test_online_tracking_without_credentials_is_refused_before_work(tmp_path):

@@ -63,7 +63,7 @@ def with_bad_records(tmp_path):
 def test_skip_policy_counts_what_it_drops(with_bad_records):
     scan = scan_fasta(task_for(with_bad_records, invalid_residues=InvalidResidues.skip))
     assert (scan.records, scan.skipped_records) == (len(plain_fasta(PROTEINS_FASTA)), 3)
-    assert "skipped 3 record(s)" in scan.report("f")
+    assert "skipped 3 record(s)" in scan.report("f", task_for(with_bad_records))
     assert {"stop_codon", "gap", "hollow"}.isdisjoint(r.id for r in read_records(task_for(
         with_bad_records, invalid_residues=InvalidResidues.skip)))
 
@@ -119,10 +119,86 @@ def test_batches_respect_the_token_budget_and_keep_every_record():
 
 @pytest.mark.parametrize("keys, message", [
     ({"tokens_per_batch": 50}, "task.tokens_per_batch must be >= task.max_length + 2 = 102"),
-    ({"test_fraction": 1.0}, "task.test_fraction must be in (0, 1)"),
+    ({"test_fraction": 1.0}, "task.test_fraction must be in [0, 1)"),
     ({"max_length": 0}, "task.max_length must be > 0"),
 ])
 def test_config_checks(keys, message):
     with pytest.raises(ValueError) as error:
         task_for(PROTEINS_FASTA, **keys)
     assert message in str(error.value)
+
+
+def test_gzipped_fasta_reads_like_the_plain_file(tmp_path):
+    import gzip
+
+    packed = tmp_path / "proteins.fasta.gz"
+    packed.write_bytes(gzip.compress(PROTEINS_FASTA.read_bytes()))
+    plain, zipped = scan_fasta(task_for(PROTEINS_FASTA)), scan_fasta(task_for(packed))
+    assert (zipped.records, zipped.train_residues, zipped.test_residues) == (
+        plain.records, plain.train_residues, plain.test_residues)
+    assert [(r.id, r.sequence) for r in read_records(task_for(packed))] == [
+        (r.id, r.sequence) for r in read_records(task_for(PROTEINS_FASTA))]
+    (tmp_path / "broken.fasta.gz").write_bytes(gzip.compress(PROTEINS_FASTA.read_bytes())[:200])
+    with pytest.raises(FastaError, match="broken.fasta.gz"):
+        scan_fasta(task_for(tmp_path / "broken.fasta.gz"))
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(FastaError, match=f"task.fasta: {tmp_path} is a directory"):
+        scan_fasta(task_for(tmp_path))
+
+
+def test_an_unreadable_file_is_one_line(tmp_path):
+    """A file the user may not read. Root reads anything, so as root the check runs without the
+    capabilities that bypass file permissions (setpriv, util-linux)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    fasta = tmp_path / "secret.fasta"
+    fasta.write_text(">a\nMKV\n")
+    fasta.chmod(0)
+    command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); from sae.tasks.protein import *; "
+               "scan_fasta(ProteinTaskConfig(fasta=sys.argv[1]))", str(fasta), str(DATA.parents[1])]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        drop = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"task.fasta: cannot read {fasta}: Permission denied" in result.stderr.strip().splitlines()[-1]
+
+
+def test_non_utf8_headers_are_counted_in_a_warning(tmp_path):
+    fasta = tmp_path / "latin1.fasta"
+    fasta.write_bytes(b">p1 caf\xe9 protein\nMKVLA\n>p2 plain\nMKVLAG\n>p3 \xff\xfe\nMKV\n")
+    scan = scan_fasta(task_for(fasta, test_fraction=0))
+    assert scan.records == 3 and scan.non_utf8_headers == 2
+    assert scan.warnings(str(fasta)) == [f"task.fasta: {fasta}: 2 record header(s) are not UTF-8; their undecodable "
+                                         "bytes were replaced by U+FFFD in the record ids"]
+
+
+def test_cropping_is_reported_with_the_longest_record(tmp_path):
+    fasta = tmp_path / "long.fasta"
+    fasta.write_text(">short\nMKVLA\n>long\n" + "A" * 250 + "\n>longer\n" + "G" * 300 + "\n")
+    task = task_for(fasta, test_fraction=0)
+    scan = scan_fasta(task)
+    assert (scan.cropped_records, scan.longest) == (2, 300)
+    assert "cropped 2 record(s) longer than task.max_length=100 (longest 300 residues)" in scan.report("f", task)
+
+
+def test_a_fasta_too_small_to_split_says_how_to_run_it(tmp_path):
+    from sae.tasks.protein import in_split
+
+    fasta = tmp_path / "two.fasta"
+    fasta.write_text(">one\nMKVLA\n>two\nMKVLAG\n")
+    with pytest.raises(FastaError, match="task.test_fraction=0 to evaluate on the training records"):
+        scan_fasta(task_for(fasta))  # the default test_fraction=0.1 holds neither record out
+    task = task_for(fasta, test_fraction=0)
+    scan = scan_fasta(task)
+    assert (scan.train_records, scan.test_records) == (2, 2)
+    assert "none held out (task.test_fraction=0: evaluated on training records)" in scan.report("f", task)
+    records = list(read_records(task))
+    assert all(in_split(r, "train", task) and in_split(r, "test", task) for r in records)
