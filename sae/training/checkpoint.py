@@ -90,22 +90,23 @@ def checkpoint_problem(checkpoint: Path, device: str) -> tuple[str | None, dict 
 class Resume:
     checkpoint: Path
     state: dict
+    skipped: list[str]  # a warning line per newer checkpoint that failed verification
 
 
 def newest_valid_checkpoint(run_dir: Path, device: str) -> Resume | None:
-    """The newest usable checkpoint, skipping (with a warning each) the invalid ones; None when the
-    run has none; NoValidCheckpointError when it has some and none is usable."""
+    """The newest usable checkpoint and what was skipped on the way (the caller logs it once the
+    run owns its dir); None when the run has none; NoValidCheckpointError when it has some and
+    none is usable."""
     skipped = []
     for checkpoint in checkpoint_dirs(run_dir):
         problem, state = checkpoint_problem(checkpoint, device)
         if problem is None:
-            return Resume(checkpoint, state)
-        log.warning("Skipping checkpoint %s: %s", checkpoint, problem)
-        skipped.append(f"{checkpoint.name} ({problem})")
+            return Resume(checkpoint, state, [f"Skipping checkpoint {c}: {why}" for c, why in skipped])
+        skipped.append((checkpoint, problem))
     if skipped:
         raise NoValidCheckpointError(
-            f"{run_dir} holds no valid checkpoint: {'; '.join(skipped)}. Move {Path(run_dir) / 'checkpoints'} away "
-            "to start this run over, or use a new output dir (hydra.run.dir=...)")
+            f"{run_dir} holds no valid checkpoint: {'; '.join(f'{c.name} ({why})' for c, why in skipped)}. Move "
+            f"{Path(run_dir) / 'checkpoints'} away to start this run over, or use a new output dir (hydra.run.dir=...)")
     return None
 
 

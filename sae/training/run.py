@@ -26,7 +26,7 @@ from sae.training.batches import BatchStream, ShardedTable, column_mean
 from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite_tensor,
                                      remove_stale_checkpoint_temps, save_sae_checkpoint)
 from sae.training.hardware import apply_threads, check_hardware, host_dtype
-from sae.training.signals import StopRequested, deferred_stop_signals
+from sae.training.signals import PendingSignals, StopRequested, deferred_stop_signals
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
 
@@ -91,12 +91,13 @@ def run_training(cfg: TrainConfig, run_dir: Path, on_start: Callable[[], None] |
         if on_start is not None:
             on_start()
         remove_stale_checkpoint_temps(run_dir)
-        for note in ineffective_settings(cfg):
+        for note in ineffective_settings(cfg) + (resume.skipped if resume else []):
             log.warning(note)
-        return train(cfg, run_dir, checked, resume)
+        with deferred_stop_signals() as pending:  # SIGTERM from here on ends the job cleanly
+            return train(cfg, run_dir, checked, resume, pending)
 
 
-def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None) -> dict:
+def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pending: PendingSignals) -> dict:
     apply_threads(cfg.hardware)
     device = cfg.hardware.device.value
     if resume is not None:
@@ -144,38 +145,38 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None) -> di
 
     progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
     started = time.time()
+    pending.deferring = True  # from here a stop signal waits for the end of the current step
     try:
-        with deferred_stop_signals() as pending:
-            while step < cfg.num_steps:
-                # -- one optimisation step (no host syncs here) --
-                lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
-                x = batches.next()
-                out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
-                                              cfg.hardware)
-                step, flops = step + 1, flops + step_flops
-                dead_latents.update(out, cfg.batch_size, step)
-                progress.update(1)
+        while step < cfg.num_steps:
+            # -- one optimisation step (no host syncs here) --
+            lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
+            x = batches.next()
+            out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
+                                          cfg.hardware)
+            step, flops = step + 1, flops + step_flops
+            dead_latents.update(out, cfg.batch_size, step)
+            progress.update(1)
 
-                # -- logging, eval and checkpoints at their intervals --
-                if step % cfg.log_every == 0 or step == cfg.num_steps:
-                    metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
-                    check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
-                    tracker.log(metrics, step)
-                    progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
-                                         l0=f"{metrics['train/l0']:.1f}")
-                if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                    tracker.log(evaluate(sae, data), step)
-                on_schedule = crosses_flop_boundary(flops - step_flops, flops)
-                periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-                if on_schedule or periodic or step == cfg.num_steps or pending:
-                    save(step)
-                if pending:
-                    tracker.finish()
-                    progress.close()
-                    hand_over(pending, step, run_dir)
+            # -- logging, eval and checkpoints at their intervals --
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
+                check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
+                tracker.log(metrics, step)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
+                                     l0=f"{metrics['train/l0']:.1f}")
+            if step % cfg.eval_every == 0 or step == cfg.num_steps:
+                tracker.log(evaluate(sae, data), step)
+            on_schedule = crosses_flop_boundary(flops - step_flops, flops)
+            periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+            if on_schedule or periodic or step == cfg.num_steps or pending:
+                save(step)
+            if pending:
+                tracker.finish()
+                progress.close()
+                hand_over(pending, step, run_dir)
     finally:  # a stop or an error leaves the terminal on a fresh line for its message
         progress.close()
         batches.close()

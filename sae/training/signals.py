@@ -26,15 +26,28 @@ class StopRequested(SystemExit):
 
 
 class PendingSignals:
+    """Stop signals of a job: before `deferring` is set (set-up, host training, data loading) SIGTERM
+    stops the job at once (nothing trained, nothing to save) and USR1/USR2 go to the original
+    handler; from then on (the training loop) they are recorded for the loop to act on at the end
+    of the current step."""
+
     def __init__(self) -> None:
         self.received: list[int] = []
         self.previous: dict[int, object] = {}
+        self.deferring = False
 
     def __bool__(self) -> bool:
         return bool(self.received)
 
     def record(self, signum: int, frame) -> None:
-        self.received.append(signum)
+        if self.deferring:
+            self.received.append(signum)
+        elif signum == signal.SIGTERM:
+            raise StopRequested("SIGTERM before the first training step: nothing to save; rerun the same "
+                                "command to start again")
+        else:
+            self.restore()
+            signal.raise_signal(signum)  # as if we were not here: submitit requeues, or the default action
 
     def deliver(self) -> None:
         """Restore the original handlers and re-raise what arrived (submitit requeues and exits)."""
@@ -51,6 +64,7 @@ class PendingSignals:
 
 @contextlib.contextmanager
 def deferred_stop_signals() -> Iterator[PendingSignals]:
+    """Hold the stop signals for a job's lifetime (see PendingSignals)."""
     pending = PendingSignals()
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
         for signum in STOP_SIGNALS:

@@ -112,20 +112,33 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     assert all(t.equal(finals[1][k]) for k, t in finals[0].items())
 
 
-def test_a_cancelled_job_is_reported_and_does_not_hang_the_sweep(tmp_path):
-    process = sweep(tmp_path, "num_steps=3000", "checkpoint_every=100", "eval_every=3000", "sae.sparse_dim=32,64")
+def test_cancelled_jobs_do_not_stop_the_sweep_waiting_for_the_rest(tmp_path):
+    """One job at a time (array_parallelism=1): the running job is cancelled (scancel: SIGTERM, it
+    checkpoints and records itself cancelled) and a pending one is cancelled before it starts. The
+    sweep still waits for the third, then prints the count and exits 1; the summary lists all three."""
+    process = sweep(tmp_path, "num_steps=3000", "checkpoint_every=100", "eval_every=3000", "sae.sparse_dim=32,48,64",
+                    "hydra.launcher.array_parallelism=1")
     try:
         first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
-        wait_for(lambda: (first / "job.json").is_file(), 120, "job.json")
+        metrics = first / "metrics.jsonl"
+        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 300, "the first job's first training steps")
         job_id = json.loads((first / "job.json").read_text())["slurm_job_id"]
-        subprocess.run(["scancel", job_id], check=True, timeout=30)
-        output, _ = process.communicate(timeout=900)  # returns: the sweep is not left waiting forever
+        array_id = job_id.split("_")[0]
+        subprocess.run(["scancel", f"{array_id}_2"], check=True, timeout=30)  # still pending
+        subprocess.run(["scancel", job_id], check=True, timeout=30)  # running
+        output, _ = process.communicate(timeout=900)
     finally:
         process.kill()
-    assert process.returncode != 0 and "CANCELLED" in output.upper()
+    sweep_dir = tmp_path / "sweep"
+    assert process.returncode == 1, output[-3000:]
+    assert (f"Sweep finished: 1 completed, 0 failed, 2 cancelled (of 3 jobs) in {sweep_dir}; "
+            f"see python scripts/summarize.py {sweep_dir}") in output
+    assert json.loads((first / "job.json").read_text())["status"] == "cancelled"
+    assert (sweep_dir / "001_sae.sparse_dim=48" / "final_metrics.json").is_file()  # waited for it
     result = summarize(tmp_path)
     assert result.returncode == 1
-    assert "1/2 jobs completed" in result.stdout and "did not complete" in result.stdout
+    assert "1/3 jobs completed (1 cancelled, 1 not started)" in result.stdout
+    assert "002_sae.sparse_dim=64 (not started" in result.stdout
 
 
 def test_a_partition_slurm_rejects_fails_before_submission(tmp_path):

@@ -64,7 +64,10 @@ def test_cache_is_sharded_reused_and_refused_when_the_config_differs(tmp_path, t
     shards = sorted((cache / "train").glob("shard_*.npy"))
     assert first.train.shape[0] == cfg.task.max_train_tokens == 4000 and len(shards) == 4
     stamps = {p: p.stat().st_mtime_ns for p in shards}
+    stale = cache.parent / f".{cache.name}.tmp-killed"  # what a build killed mid-way leaves beside the cache
+    (stale / "train").mkdir(parents=True)
     again = load_protein_activation_data(cfg.task, cfg.host_model, normalize=True, device="cpu")
+    assert not stale.exists()
     torch.testing.assert_close(again.train, first.train)
     assert {p: p.stat().st_mtime_ns for p in shards} == stamps  # reused, not rebuilt
     cfg.host_model.layers = [1]
