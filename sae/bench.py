@@ -33,6 +33,7 @@ from torch import nn
 from sae.bench_external import EXTERNAL, build_external, external_available
 from sae.saes import build_sae
 from sae.saes.base import SAEOutput
+from sae.saes.batchtopk import BatchTopKSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.training.hardware import DType, HardwareConfig
@@ -45,7 +46,7 @@ WARMUP_STEPS = 3
 SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
 DEFAULT_SIZES = ((128, 2048, 16), (512, 16384, 32))
-IMPLEMENTATIONS = ("topk", "dense_topk", "vanilla")
+IMPLEMENTATIONS = ("topk", "batchtopk", "dense_topk", "vanilla")
 
 
 class DenseTopKReference(nn.Module):
@@ -137,6 +138,8 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
         return DenseTopKReference(case.d_in, case.d_sae, case.k, k_aux, 1 / 32)
     if case.impl == "topk":
         cfg = TopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+    elif case.impl == "batchtopk":
+        cfg = BatchTopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
     else:
         cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef, sparsity_warmup_steps=n_steps // 10)
     return build_sae(cfg, 1, case.d_in)
@@ -148,6 +151,7 @@ def decoder_rows(sae: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
+    sae.eval()  # inference mode (BatchTopK: its threshold, not a batch ranking)
     x_hat, l0, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool, device=x_eval.device)
     for chunk in x_eval.split(4096):
         latents = sae.encode(chunk[:, None])

@@ -40,7 +40,7 @@ def generalisation_latents(run: SaeRun, n: int) -> torch.Tensor:
     """The n latents most owned by the post-grokking checkpoint (largest relative decoder norm r)
     among those that fire on held-out pairs. Check their r (`relative_decoder_norms`): with phases
     that overlap, even the top ones may be shared (r < 0.7) rather than post-only."""
-    r = relative_decoder_norms(run.sae, PRE, POST)
+    r = relative_decoder_norms(run.sae, PRE, POST, run.input_scale)  # in the units training saw
     grid = latent_grid(run.sae, run.data)
     fires_on_test = (grid.values[grid.split_mask("test")] > 0).any(dim=0)
     candidates = torch.where(fires_on_test)[0]

@@ -83,6 +83,7 @@ class SaeRun:
     sae: SparseCoder
     data: ActivationData
     metrics: dict
+    input_scale: list[float]  # per source, what training multiplied raw activations by (sae.json)
 
     @property
     def task_name(self) -> str:
@@ -119,7 +120,8 @@ def load_sae_run(run_dir: str | Path, task: str | None = None, crosscoder: bool 
     config = config_from_dict(saved)
     config.host_model.run_dir = _host_run_dir(meta, run_dir)
     data = load_activation_data(config.task, config.host_model, normalize=False, device=device)
-    return SaeRun(run_dir, config, load(checkpoint, device), data, json.loads(finished.read_text()))
+    return SaeRun(run_dir, config, load(checkpoint, device), data, json.loads(finished.read_text()),
+                  meta["input_scale"])
 
 
 def _host_run_dir(meta: dict, run_dir: Path) -> str:

@@ -36,7 +36,7 @@ class HostRunError(UserInputError):
 
 # Recipe keys added after hosts were first cached: left out of the hash while unset (they change
 # nothing then), so hosts trained before they existed keep their cache dir.
-LATER_RECIPE_KEYS = ("grad_clip",)
+LATER_RECIPE_KEYS = ("grad_clip", "transition_checkpoint_every")
 
 
 def host_run_key(task: ModularTaskConfig, host: HostModelConfig) -> str:

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 from sae.atomic_io import MANIFEST, verify_manifest
 from sae.errors import ReportedError
 from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
+from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
 
 SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
     "vanilla": (VanillaSAEConfig, VanillaSAE),
     "topk": (TopKSAEConfig, TopKSAE),
+    "batchtopk": (BatchTopKSAEConfig, BatchTopKSAE),
 }
 
 
@@ -60,4 +62,5 @@ def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
-           "TopKSAE", "TopKSAEConfig", "VanillaSAE", "VanillaSAEConfig"]
+           "BatchTopKSAE", "BatchTopKSAEConfig", "TopKSAE", "TopKSAEConfig", "VanillaSAE",
+           "VanillaSAEConfig"]

@@ -43,6 +43,9 @@ class HostRecipe:
     grad_clip: Optional[float] = None  # clip the gradient's global norm to this (null = off)
     eval_every: int = 10
     steps_after_grok: int | None = 100  # stop this many steps after grokking; null = all num_steps
+    # between memorisation and grokking, also evaluate and checkpoint every this many steps (dense
+    # checkpoints through the transition, for studies of the phases); null = the log-spaced schedule only
+    transition_checkpoint_every: Optional[int] = None
     seed: int = 0
     # Grokfast (Lee et al. 2024): add grokfast_lambda x an EMA (decay grokfast_alpha) of past
     # gradients to each gradient, amplifying the slow component that drives generalisation.
@@ -62,6 +65,9 @@ class HostRecipe:
             raise ValueError(f"host_model.train.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.eval_every <= 0:
             raise ValueError(f"host_model.train.eval_every must be > 0, got {self.eval_every}")
+        if self.transition_checkpoint_every is not None and self.transition_checkpoint_every <= 0:
+            raise ValueError("host_model.train.transition_checkpoint_every must be > 0 or null, "
+                             f"got {self.transition_checkpoint_every}")
         if self.grokfast_alpha is not None and not 0.0 < self.grokfast_alpha < 1.0:
             raise ValueError(f"host_model.train.grokfast_alpha must be in (0, 1) or null, got {self.grokfast_alpha}")
 
@@ -158,7 +164,9 @@ def run_host_training(
     last_step = recipe.num_steps
     started = time.time()
     for step in range(recipe.num_steps + 1):
-        is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps
+        in_transition = (recipe.transition_checkpoint_every is not None and memorisation_step is not None
+                         and grokking_step is None and step % recipe.transition_checkpoint_every == 0)
+        is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps or in_transition
         if is_eval:
             model.eval()
             metrics = evaluate_host(model, data, hooks)
@@ -175,7 +183,7 @@ def run_host_training(
             if not quiet and (event or step % (recipe.eval_every * 50) == 0):
                 print(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  test acc {metrics['test/acc']:.3f}  "
                       f"({time.time() - started:.0f}s)", flush=True)
-            if step in save_at or event or step >= last_step:
+            if step in save_at or event or in_transition or step >= last_step:
                 name = f"step_{step:07d}.safetensors"
                 save_host_checkpoint(model, run_dir / "checkpoints" / name)
                 checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})

@@ -246,3 +246,59 @@ def test_latent_frequencies_find_each_latents_wave():
     rows = latent_frequencies(values, torch.tensor([0, 1]))
     assert (rows[0]["k_a"], rows[0]["k_b"]) == (3, 3) and rows[0]["share"] == pytest.approx(1.0, abs=1e-5)
     assert (rows[1]["k_a"], rows[1]["k_b"]) == (7, 0)
+
+
+def scaling_crosscoder(seed: int = 0):
+    """A crosscoder over (pre, post, driver) whose codes read only the driver source, so the pre
+    and post activations can be built from the codes afterwards; latent 0 has no pre decoder."""
+    torch.manual_seed(seed)
+    sae = build_sae(VanillaSAEConfig(sparse_dim=6), 3, 5)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn_like(sae.W_dec))
+        sae.W_enc.copy_(torch.randn_like(sae.W_enc))
+        sae.W_enc[:, :2] = 0.0
+        sae.W_dec[0, 0] = 0.0
+        sae.b_enc.fill_(0.5)
+    return sae
+
+
+@pytest.mark.parametrize("pre_holds_it", [True, False])
+def test_latent_scaling_tells_complete_shrinkage_from_a_post_only_latent(pre_holds_it):
+    from sae.analysis.diffing import latent_scaling
+
+    sae = scaling_crosscoder()
+    x = torch.randn(400, 3, 5)
+    f = sae.encode(x).detach()
+    x_hat = sae.decode(f).detach()
+    x[:, 1] = x_hat[:, 1]  # post: reconstructed exactly
+    x[:, 0] = x_hat[:, 0] + (f[:, :1] * sae.W_dec[0, 1].detach() if pre_holds_it else 0.0)  # pre: j's direction, undecoded
+    assert torch.equal(sae.encode(x), f)  # the codes did not move
+    scaling = latent_scaling(sae, x, torch.tensor([0, 3]))
+    assert scaling["beta_error_post"][0].item() == pytest.approx(1.0, abs=1e-4)
+    assert scaling["nu_error"][0].item() == pytest.approx(1.0 if pre_holds_it else 0.0, abs=1e-4)
+
+
+def test_latent_scaling_betas_equal_a_least_squares_solver():
+    from sae.analysis.diffing import latent_scaling
+
+    sae = scaling_crosscoder(seed=3)
+    x = torch.randn(300, 3, 5, dtype=torch.float64)
+    sae = sae.double()
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    scaling = latent_scaling(sae, x, torch.tensor([2]), chunk=64)
+    d = sae.W_dec[2, 1]
+    for m, source in ((0, "pre"), (1, "post")):
+        design = (f[:, 2:3] * d).reshape(-1, 1)  # b f_j d_j, stacked over rows and dimensions
+        for target, y in (("error", x[:, m] - x_hat[:, m] + f[:, 2:3] * sae.W_dec[2, m]),
+                          ("reconstruction", x_hat[:, m] - sae.b_dec[m] - f[:, 2:3] * sae.W_dec[2, m])):
+            expected = torch.linalg.lstsq(design, y.reshape(-1, 1).detach()).solution.item()
+            assert scaling[f"beta_{target}_{source}"].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_relative_norms_in_training_units_undo_the_folded_input_scale():
+    sae = build_sae(TopKSAEConfig(sparse_dim=8, k=2), 2, 4)
+    r_training = relative_decoder_norms(sae)
+    sae.fold_input_scale(torch.tensor([0.5, 4.0]))  # what saving does: W_dec[:, s] / c_s
+    assert not torch.allclose(relative_decoder_norms(sae), r_training)  # raw units: biased towards pre
+    torch.testing.assert_close(relative_decoder_norms(sae, input_scale=[0.5, 4.0]), r_training)

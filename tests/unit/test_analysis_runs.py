@@ -111,7 +111,7 @@ def test_random_control_draws_from_the_pool_without_the_chosen():
 
 def test_generalisation_latents_are_the_highest_r_among_those_firing_on_test_pairs(crosscoder):
     chosen = generalisation_latents(crosscoder, 5)
-    r = relative_decoder_norms(crosscoder.sae, PRE, POST)
+    r = relative_decoder_norms(crosscoder.sae, PRE, POST, crosscoder.input_scale)
     fires = (crosscoder.sae.encode(crosscoder.data.test) > 0).any(dim=0)
     brute = sorted(torch.where(fires)[0].tolist(), key=lambda i: -r[i].item())[:5]  # stable: ties by index
     assert chosen.tolist() == brute

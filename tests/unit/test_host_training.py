@@ -79,3 +79,20 @@ def test_grad_clip_bounds_the_gradient_norm_the_optimiser_steps_with(tmp_path, m
     unclipped = norms_seen(None)
     clip = min(unclipped) / 2
     assert len(unclipped) == 8 and max(norms_seen(clip)) <= clip * (1 + 1e-5)
+
+
+def test_transition_checkpoints_are_dense_between_memorisation_and_grokking(tmp_path):
+    task = ModularTaskConfig(name="addition", operations=[Operation.addition], p=13, train_fraction=0.6)
+    arch = dict(n_layers=1, d_model=32, n_heads=2, kv_heads=2, d_mlp=64)
+    recipe = HostRecipe(lr=1e-2, num_steps=400, eval_every=50, steps_after_grok=None, transition_checkpoint_every=7)
+    summary = run_host_training(task, arch, recipe, tmp_path, NullTracker(), quiet=True)
+    memorised, grokked = summary["memorisation_step"], summary["grokking_step"]
+    assert memorised is not None, "the tiny host must memorise for this test to mean anything"
+    end = grokked if grokked is not None else recipe.num_steps
+    steps = {c["step"] for c in summary["checkpoints"]}
+    expected = {s for s in range(memorised + 1, end) if s % 7 == 0}
+    assert expected and expected <= steps
+    sparse = run_host_training(task, arch, HostRecipe(lr=1e-2, num_steps=400, eval_every=50, steps_after_grok=None),
+                               tmp_path / "sparse", NullTracker(), quiet=True)
+    assert not expected & {c["step"] for c in sparse["checkpoints"]} - {memorised, grokked}
+    assert sparse["memorisation_step"] == memorised  # extra checkpoints change nothing in training

@@ -264,3 +264,67 @@ def test_sparse_topk_under_bfloat16_autocast_gives_float32_gradients_close_to_fl
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
         # bf16 may pick a different latent near a row's k-th value, so compare whole-tensor error
         assert (grad - grads[0][name]).norm() < 0.1 * grads[0][name].norm(), name
+
+
+# -- BatchTopK -------------------------------------------------------------------------------------
+
+def naive_batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """A Python loop over every entry of the batch: keep the k x batch largest (ReLU'd)."""
+    entries = sorted(((value, r, i) for r, row in enumerate(pre.tolist()) for i, value in enumerate(row)),
+                     reverse=True)[: k * len(pre)]
+    out = torch.zeros_like(pre)
+    for value, r, i in entries:
+        out[r, i] = max(value, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("n_sources", [1, 2])
+def test_batchtopk_keeps_k_times_batch_over_the_whole_batch_and_matches_naive(n_sources):
+    from sae.saes.batchtopk import BatchTopKSAEConfig
+
+    k = 3
+    sae = random_sae(BatchTopKSAEConfig(sparse_dim=16, k=k), n_sources=n_sources)
+    x = torch.randn(20, n_sources, 6) + 3.0
+    pre = sae.pre_activations(x)
+    latents = sae(x).latents
+    expected = naive_batch_topk(pre, k)
+    tol = 1e-5 * max(1.0, pre.abs().max().item())
+    flat = pre.relu().flatten().sort(descending=True).values
+    if flat[k * 20 - 1] - flat[k * 20] > tol:  # no near-tie at the cut: the same entries
+        torch.testing.assert_close(latents, expected, rtol=0, atol=tol)
+    assert (latents != 0).sum() == k * 20  # the batch holds exactly k x batch active latents ...
+    assert len(set((latents != 0).sum(dim=1).tolist())) > 1  # ... spread unevenly over the rows
+
+
+def test_batchtopk_threshold_is_the_moving_average_of_the_smallest_kept_activation():
+    from sae.saes.batchtopk import BatchTopKSAEConfig
+
+    sae = random_sae(BatchTopKSAEConfig(sparse_dim=16, k=2, threshold_decay=0.9))
+    expected = None
+    for seed in range(3):
+        x = torch.randn(10, 1, 6, generator=torch.Generator().manual_seed(seed)) + 3.0
+        latents = sae(x).latents
+        smallest = latents[latents > 0].min().item()
+        expected = smallest if expected is None else 0.9 * expected + 0.1 * smallest
+    assert sae.threshold.item() == pytest.approx(expected, rel=1e-6)
+    sae.eval()  # inference: a JumpReLU at the threshold, whatever the batch
+    x = torch.randn(7, 1, 6) + 3.0
+    pre = sae.pre_activations(x)
+    assert torch.equal(sae.encode(x), torch.where(pre > sae.threshold, pre, torch.zeros_like(pre)))
+    before = sae.threshold.clone()
+    sae(x)
+    assert torch.equal(sae.threshold, before)  # evaluation never moves it
+
+
+def test_batchtopk_saves_and_loads_its_threshold(tmp_path, host_cache):
+    from sae.saes import load
+    from sae.saes.batchtopk import BatchTopKSAEConfig
+    from sae.training.checkpoint import checkpoint_dirs
+    from sae.training.run import run_training
+    from tests.conftest import tiny_train_config
+
+    cfg = tiny_train_config(host_cache, sae=BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128))
+    summary = run_training(cfg, tmp_path / "run")
+    loaded = load(checkpoint_dirs(tmp_path / "run")[0])
+    assert loaded.threshold.item() > 0 and loaded.threshold_updates.item() == cfg.num_steps
+    assert 0 < summary["eval/test/l0"] < 64

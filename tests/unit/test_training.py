@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import sae
 from sae.host_models.config import Hookpoint, TokenPositions
 from sae.saes import load
+from sae.saes.batchtopk import BatchTopKSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.training.activations import load_activation_data
@@ -54,6 +55,7 @@ def test_saved_sae_takes_raw_activations(tmp_path, host_cache):
 @pytest.mark.parametrize("sae_cfg", [
     TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128),  # short window: AuxK and dead counters active
     VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10),
+    BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128),  # its threshold buffer too
 ])
 def test_resumed_run_ends_with_the_same_weights(tmp_path, host_cache, sae_cfg):
     cfg = tiny_train_config(host_cache, sae=sae_cfg, checkpoint_every=15, num_steps=40)
