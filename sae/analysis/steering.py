@@ -40,17 +40,29 @@ def random_control(d_sae: int, chosen: torch.Tensor, seed: int = 0, pool: torch.
     return pool[order[:len(chosen)]]
 
 
+INTERVENTIONS = ("clamp", "project")
+
+
 @torch.no_grad()
-def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int = 0) -> dict[str, float]:
-    """Answer accuracy and CE of source `source`'s host with the clamp spliced in, per split and
-    per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>"}. data: a modular ActivationData."""
+def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int = 0,
+                    intervention: str = "clamp") -> dict[str, float]:
+    """Answer accuracy and CE of source `source`'s host with the intervention spliced in, per split
+    and per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>"}. data: a modular
+    ActivationData. intervention: "clamp" (the latents set to `value`, the SAE error kept) or
+    "project" (the span of the latents' `source` decoders projected out; `value` unused)."""
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"intervention must be one of {list(INTERVENTIONS)}, got {intervention!r}")
     metrics = {}
     for split, x in (("train", data.train), ("test", data.test)):
         tokens, labels = data.dataset.train if split == "train" else data.dataset.test
         in_split = data.dataset.is_train if split == "train" else ~data.dataset.is_train
         raw = x / data.scale[:, None]
-        steered = clamp_replacement(sae, x, latents, value) / data.scale[:, None]
-        replacement = steered[:, source] if len(latents) else raw[:, source]
+        if not len(latents):
+            replacement = raw[:, source]
+        elif intervention == "project":
+            replacement = project_out(raw[:, source], sae.W_dec.detach()[latents, source])
+        else:
+            replacement = (clamp_replacement(sae, x, latents, value) / data.scale[:, None])[:, source]
         model, hook = data.sources[source].model, data.sources[source].hook
         losses, correct = answer_losses(model, tokens, labels, hook, replacement, data.positions)
         metrics[f"{split}/acc"], metrics[f"{split}/ce"] = correct.mean().item(), losses.mean().item()
@@ -128,3 +140,26 @@ def clamp_per_operation(sae, data, chosen: dict[str, torch.Tensor], value: float
         draws = [per_op(random_control(sae.d_sae, latents, seed, pool)) for seed in range(controls)]
         table[f"{op}/random"] = {o: sum(d[o] for d in draws) / controls for o in ops}
     return table
+
+
+def project_out(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """x: [..., d] with its component in span(directions: [J, d]) removed (the continuous
+    alternative to a clamp: no encoder, no threshold; a control of the same rank removes as many
+    dimensions). An empty set of directions leaves x as it is."""
+    if len(directions) == 0:
+        return x
+    basis, _ = torch.linalg.qr(directions.t().to(x.dtype))  # [d, J] orthonormal columns
+    return x - (x @ basis) @ basis.t()
+
+
+def projection_hook(directions: torch.Tensor, all_positions: bool = False):
+    """A GrokTransformer hook that projects `directions` (raw units) out of the stream at the answer
+    position (or every position), in evaluation or through host training."""
+    directions = directions.detach()
+
+    def project(resid: torch.Tensor) -> torch.Tensor:
+        if all_positions:
+            return project_out(resid, directions)
+        return torch.cat([resid[:, :-1], project_out(resid[:, -1:], directions)], dim=1)
+
+    return project
