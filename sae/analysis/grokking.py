@@ -47,6 +47,61 @@ def generalisation_latents(run: SaeRun, n: int) -> torch.Tensor:
     return candidates[r[candidates].argsort(descending=True, stable=True)[:n]]  # ties by index, on any CPU
 
 
+# -- selection arms (issue 13): three ways to pick the latents a clamp tests --------------------------
+
+POST_ONLY_R = 0.9  # r above which a latent counts as post-specific by its decoder norms
+MAX_NU_ERROR = 0.3  # latent scaling: above this the pre checkpoint holds the direction (shrinkage)
+
+
+def test_firing(run: SaeRun) -> torch.Tensor:
+    """Latents that fire on at least one held-out pair."""
+    return torch.where((run.sae.encode(run.data.test) > 0).any(dim=0))[0]
+
+
+def arm_post_specific(run: SaeRun, n: int = 8, r_min: float = POST_ONLY_R, nu_max: float = MAX_NU_ERROR) -> dict:
+    """(a) Post-specific latents: firing on held-out pairs, r >= r_min in training units, and latent
+    scaling's nu_error <= nu_max (not a pre direction the crosscoder shrank away); the n highest r.
+    Fewer than n (even none) is a finding, reported as such: {"latents", "r", "nu_error", "candidates"}."""
+    from sae.analysis.diffing import latent_scaling
+
+    r = relative_decoder_norms(run.sae, PRE, POST, run.input_scale)
+    firing = test_firing(run)
+    candidates = firing[r[firing] >= r_min]
+    x = torch.cat([run.data.train, run.data.test])
+    nu = latent_scaling(run.sae, x, candidates, PRE, POST)["nu_error"] if len(candidates) else torch.zeros(0)
+    kept = candidates[nu.abs() <= nu_max]
+    order = r[kept].argsort(descending=True, stable=True)[:n]
+    chosen = kept[order]
+    nu_of = dict(zip(candidates.tolist(), nu.tolist()))
+    return {"latents": chosen, "r": r[chosen].tolist(), "nu_error": [nu_of[i] for i in chosen.tolist()],
+            "candidates": len(candidates)}
+
+
+def arm_generalisation_effect(run: SaeRun, n: int = 8, value: float = 0.0, pool: torch.Tensor | None = None) -> dict:
+    """(b) The n latents whose clamp (one at a time, post-grok host) raises test CE most beyond what
+    it raises train CE: effect = (test CE - clean test CE) - (train CE - clean train CE).
+    pool: the latents to score (default: those firing on held-out pairs). {"latents", "effect"}."""
+    view_pool = test_firing(run) if pool is None else pool
+    clean = steered_metrics(run.sae, run.data, torch.zeros(0, dtype=torch.long), value, source=POST)
+    effects = []
+    for latent in view_pool.tolist():
+        steered = steered_metrics(run.sae, run.data, torch.tensor([latent]), value, source=POST)
+        effects.append((steered["test/ce"] - clean["test/ce"]) - (steered["train/ce"] - clean["train/ce"]))
+    effects = torch.tensor(effects)
+    order = effects.argsort(descending=True, stable=True)[:n]
+    return {"latents": view_pool[order], "effect": effects[order].tolist()}
+
+
+def arm_largest(run: SaeRun, n: int = 8) -> dict:
+    """(c) The n latents with the largest mean contribution f x ||d_post|| on all pairs, whatever
+    their post-specificity: the arm a post-specific selection must beat. {"latents", "contribution"}."""
+    from sae.analysis.controls import latent_statistics
+
+    _, contribution = latent_statistics(run.sae, torch.cat([run.data.train, run.data.test]), POST)
+    order = contribution.argsort(descending=True, stable=True)[:n]
+    return {"latents": order, "contribution": contribution[order].tolist()}
+
+
 def clamp_at_evaluation(run: SaeRun, latents: torch.Tensor, value: float = 0.0, seed: int = 0) -> dict:
     """Post-grokking host accuracy (train/test, per operation) unclamped, with `latents` clamped, and
     with as many random firing latents clamped: {"none" | "selected" | "random": {metric: value, "latents": [...]}}."""

@@ -162,3 +162,35 @@ def test_tsne_keeps_separated_clusters_apart():
     assert (labels[distances.argmin(axis=1)] == labels).all()
     with pytest.raises(ValueError, match="method must be one of tsne, umap"):
         embed_2d(points, "pca")
+
+
+def test_selection_arms_match_brute_force(crosscoder):
+    from sae.analysis.diffing import latent_scaling
+    from sae.analysis.grokking import arm_generalisation_effect, arm_largest, arm_post_specific
+    from sae.analysis.steering import steered_metrics
+
+    sae, data = crosscoder.sae, crosscoder.data
+    r = relative_decoder_norms(sae, PRE, POST, crosscoder.input_scale)
+    fires = (sae.encode(data.test) > 0).any(dim=0)
+    x = torch.cat([data.train, data.test])
+    candidates = [i for i in range(sae.d_sae) if fires[i] and r[i] >= 0.5]
+    nu = latent_scaling(sae, x, torch.tensor(candidates))["nu_error"].tolist() if candidates else []
+    expected = sorted((i for i, v in zip(candidates, nu) if abs(v) <= 0.5), key=lambda i: -r[i].item())[:3]
+    arm_a = arm_post_specific(crosscoder, n=3, r_min=0.5, nu_max=0.5)
+    assert arm_a["latents"].tolist() == expected and arm_a["candidates"] == len(candidates)
+
+    pool = torch.where(fires)[0][:6]
+    clean = steered_metrics(sae, data, torch.zeros(0, dtype=torch.long), 0.0, source=POST)
+    effect = {}
+    for latent in pool.tolist():
+        one = steered_metrics(sae, data, torch.tensor([latent]), 0.0, source=POST)
+        effect[latent] = (one["test/ce"] - clean["test/ce"]) - (one["train/ce"] - clean["train/ce"])
+    arm_b = arm_generalisation_effect(crosscoder, n=2, pool=pool)
+    assert arm_b["latents"].tolist() == sorted(effect, key=lambda i: -effect[i])[:2]
+
+    f = sae.encode(x)
+    contribution = (f * sae.W_dec[:, POST].norm(dim=-1)).mean(dim=0)
+    arm_c = arm_largest(crosscoder, n=4)
+    assert sorted(arm_c["contribution"], reverse=True) == arm_c["contribution"]
+    fifth = contribution.sort(descending=True).values[4].item()
+    assert all(contribution[i].item() >= fifth - 1e-6 for i in arm_c["latents"].tolist())  # the top 4, near-ties aside
