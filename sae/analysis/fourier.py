@@ -55,3 +55,64 @@ def latent_frequencies(values: torch.Tensor, latents: torch.Tensor) -> list[dict
         (ka, kb, share), = dominant_frequencies(grid_power(values[..., latent]), n=1)
         rows.append({"latent": latent, "k_a": ka, "k_b": kb, "share": share})
     return rows
+
+
+# -- progress measures (Nanda et al. 2023): restricted and excluded loss --------------------------
+# A grokked host's answer logits over the p number tokens are close to
+#     logit(a, b, c) = sum_{w in K} alpha_w cos(2 pi w (s(a, b) - c) / p + phi_w)
+# with s = a + b for addition (a - b for subtraction) and K the key frequencies. Restricted loss
+# keeps only those components of the logits (it falls as the circuit forms, before test accuracy
+# rises); excluded loss removes them and is measured on training pairs (it rises as the host stops
+# relying on memorisation). Components: cos and sin of 2 pi w (s - c) / p for each w in K, i.e. every
+# phase, projected over the (pair, c) grid given. Multiplication/division live on the cyclic group
+# of nonzero residues (a discrete-log reindexing) and are not covered here.
+
+ADDITIVE_PHASE = {"addition": 1, "subtraction": -1}
+
+
+def key_frequency_basis(a: torch.Tensor, b: torch.Tensor, p: int, frequencies: list[int], sign_b: int) -> torch.Tensor:
+    """[n * p, 2 |K|] orthonormal basis of the key-frequency components over the grid of the n
+    pairs (a, b) x the p answers c (row index pair * p + c)."""
+    c = torch.arange(p, dtype=torch.float64)
+    s = (a.double() + sign_b * b.double())[:, None]
+    columns = []
+    for w in frequencies:
+        angle = 2 * torch.pi * w * (s - c) / p  # [n, p]
+        columns += [angle.cos().flatten(), angle.sin().flatten()]
+    basis, _ = torch.linalg.qr(torch.stack(columns, dim=1))
+    return basis
+
+
+def restricted_and_excluded_logits(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int,
+                                   frequencies: list[int], operation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [n, p] over the number tokens for pairs (a, b) -> (only the key-frequency components,
+    everything but them), each [n, p]."""
+    if operation not in ADDITIVE_PHASE:
+        raise ValueError(f"restricted/excluded loss is defined here for {sorted(ADDITIVE_PHASE)}, not {operation} "
+                         "(multiplicative operations need a discrete-log reindexing)")
+    if not frequencies:
+        raise ValueError("restricted/excluded loss needs at least one key frequency")
+    basis = key_frequency_basis(a, b, p, frequencies, ADDITIVE_PHASE[operation])
+    flat = logits.double().flatten()
+    kept = basis @ (basis.t() @ flat)
+    return kept.view_as(logits).to(logits.dtype), (flat - kept).view_as(logits).to(logits.dtype)
+
+
+@torch.no_grad()
+def progress_measures(model, dataset, frequencies: list[int]) -> dict[str, float]:
+    """Cross-entropy over the p answer tokens on train and test pairs of a one-operation additive
+    host: full, restricted (key frequencies only) and excluded (key frequencies removed)."""
+    import torch.nn.functional as F
+
+    if len(dataset.operations) != 1:
+        raise ValueError("progress_measures takes a host trained on one operation")
+    operation, p = dataset.operations[0].value, dataset.p
+    logits = model(dataset.tokens)[:, :p]  # answer logits over the number tokens
+    a, b = dataset.tokens[:, 0], dataset.tokens[:, 2]
+    metrics = {}
+    for split, mask in (("train", dataset.is_train), ("test", ~dataset.is_train)):
+        restricted, excluded = restricted_and_excluded_logits(logits[mask], a[mask], b[mask], p, frequencies, operation)
+        labels = dataset.labels[mask]
+        for name, values in (("full", logits[mask]), ("restricted", restricted), ("excluded", excluded)):
+            metrics[f"{split}/{name}_loss"] = F.cross_entropy(values.float(), labels).item()
+    return metrics
