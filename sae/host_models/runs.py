@@ -3,9 +3,12 @@
 Selectors (host_model.checkpoints entries):
     final       the last checkpoint of the run
     post_grok   the first checkpoint with test accuracy >= 99% (the grokking step)
-    pre_grok    the last checkpoint that has memorised (train acc >= 99%) but whose test accuracy
-                is still below 50%; if the run generalised too fast for that, the memorised
-                checkpoint before the grokking step with the lowest test accuracy
+    pre_grok    mid-plateau: among the checkpoints that have memorised (train acc >= 99%) while
+                test accuracy is still below 50% (the plateau before grokking), the one nearest
+                the middle step of that plateau (the earlier on a tie); with
+                host_model.train.transition_checkpoint_every the plateau is densely sampled. If
+                the run generalised too fast for a plateau, the memorised checkpoint before the
+                grokking step with the lowest test accuracy
     step_N      the checkpoint saved at step N
     a path      a `.safetensors` file written by scripts/train_host.py (its run's arch.json is read)
 """
@@ -136,7 +139,8 @@ def _select(summary: dict, records: list[dict], selector: str, run_dir: Path) ->
         raise HostRunError(f"host_model.checkpoints=pre_grok: the host in {run_dir} has no memorised checkpoint "
                            f"before grokking at step {grok}")
     if clear:
-        return clear[-1]
+        middle = (clear[0]["step"] + clear[-1]["step"]) / 2
+        return min(clear, key=lambda r: (abs(r["step"] - middle), r["step"]))  # mid-plateau, earlier on a tie
     return min(memorised, key=lambda r: r["test/acc"])  # the least generalised of the memorised ones
 
 

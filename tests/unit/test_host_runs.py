@@ -19,11 +19,20 @@ CHECKPOINTS = [(0, 0.01, 0.01), (10, 0.3, 0.02), (50, 1.0, 0.05), (100, 1.0, 0.2
                (350, 1.0, 0.99), (500, 1.0, 1.0)]
 
 
-@pytest.mark.parametrize("selector, step", [("final", 500), ("post_grok", 350), ("pre_grok", 100), ("step_200", 200)])
+@pytest.mark.parametrize("selector, step", [("final", 500), ("post_grok", 350), ("pre_grok", 50), ("step_200", 200)])
 def test_selectors(tmp_path, selector, step):
     run = write_run(tmp_path, CHECKPOINTS, grokking_step=350)
     label, path, record = resolve_checkpoint(run, selector)
     assert record["step"] == step and path == run / f"checkpoints/step_{step:07d}.safetensors"
+
+
+def test_pre_grok_is_the_middle_of_the_memorised_plateau(tmp_path):
+    plateau = [(step, 1.0, 0.05 + step / 1000) for step in range(50, 210, 10)]  # memorised, test < 0.5
+    run = write_run(tmp_path, [(0, 0.0, 0.0), *plateau, (300, 1.0, 0.8), (400, 1.0, 0.995)], grokking_step=400)
+    assert resolve_checkpoint(run, "pre_grok")[2]["step"] == 120  # plateau 50..200: middle 125, the earlier of 120/130
+    run = write_run(tmp_path, [(0, 0.0, 0.0), (60, 1.0, 0.1), (100, 1.0, 0.2), (130, 1.0, 0.4), (200, 1.0, 0.995)],
+                    grokking_step=200)
+    assert resolve_checkpoint(run, "pre_grok")[2]["step"] == 100  # plateau 60..130: middle 95
 
 
 def test_pre_grok_falls_back_to_the_least_generalised_memorised_checkpoint_when_generalisation_was_fast(tmp_path):
