@@ -9,6 +9,7 @@ overrides that train into the shared host cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ def setup(name: str) -> NotebookSetup:
     if not threads.isdigit() or int(threads) < 1:
         raise UserInputError(f"SAE_NOTEBOOK_THREADS must be a positive integer, got '{threads}'")
     torch.set_num_threads(int(threads))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines, in the notebook
     out_dir = Path(os.environ.get("SAE_NOTEBOOK_OUT", REPO / "outputs" / "experimental")) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"notebook {name}: profile={profile}, outputs in {out_dir}")

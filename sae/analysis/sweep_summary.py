@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae.atomic_io import atomic_file
+from sae.config import sweep_subdir
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
 LOG_TAIL_LINES = 20
@@ -78,7 +79,6 @@ def planned_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from sae.config import sweep_subdir
 
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():

@@ -14,6 +14,8 @@ Selectors (host_model.checkpoints entries):
 """
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import hashlib
 import json
@@ -29,6 +31,8 @@ from sae.run_lock import waiting_lock
 from sae.tasks.modular import ModularTaskConfig
 from sae.training.host import run_host_training
 from sae.tracking.base import NullTracker
+
+log = logging.getLogger(__name__)
 
 PRE_GROK_MAX_TEST_ACC = 0.5
 
@@ -77,7 +81,7 @@ def ensure_host_run(task: ModularTaskConfig, host: HostModelConfig, device: str 
         if not _is_complete(run_dir):
             for directory in (run_dir, run_dir / "checkpoints"):
                 remove_stale_temps(directory)  # a host training killed mid-write
-            print(f"Training host model for task={task.name} into {run_dir} (cached for later runs)", flush=True)
+            log.info("Training host model for task=%s into %s (cached for later runs)", task.name, run_dir)
             run_host_training(task, host.architecture(), host.train, run_dir, NullTracker(), device=device)
     return run_dir
 

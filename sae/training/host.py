@@ -9,6 +9,8 @@ A run dir holds
 """
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import json
 import time
@@ -25,6 +27,8 @@ from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset, 
 from sae.atomic_io import atomic_file, write_json
 from sae.errors import UserInputError
 from sae.tracking.base import Tracker
+
+log = logging.getLogger(__name__)
 
 MEMORISED = GROKKED = 0.99  # accuracy thresholds on train / test pairs
 
@@ -181,8 +185,8 @@ def run_host_training(
                 if recipe.steps_after_grok is not None:
                     last_step = min(recipe.num_steps, step + recipe.steps_after_grok)
             if not quiet and (event or step % (recipe.eval_every * 50) == 0):
-                print(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  test acc {metrics['test/acc']:.3f}  "
-                      f"({time.time() - started:.0f}s)", flush=True)
+                log.info(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  test acc {metrics['test/acc']:.3f}  "
+                      f"({time.time() - started:.0f}s)")
             if step in save_at or event or in_transition or step >= last_step:
                 name = f"step_{step:07d}.safetensors"
                 save_host_checkpoint(model, run_dir / "checkpoints" / name)
@@ -264,7 +268,7 @@ def run_host_job(cfg, run_dir: Path, on_start=None) -> dict:
         summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, run_dir,
                                     tracker, device=cfg.hardware.device.value)
         tracker.finish()
-    print(f"memorised at step {summary['memorisation_step']}, grokked at step {summary['grokking_step']}; "
+    log.info(f"memorised at step {summary['memorisation_step']}, grokked at step {summary['grokking_step']}; "
           f"final train acc {summary['final']['train/acc']:.3f}, test acc {summary['final']['test/acc']:.3f}\n"
-          f"Run dir: {run_dir}  (use it with scripts/train.py host_model.run_dir={run_dir})", flush=True)
+          f"Run dir: {run_dir}  (use it with scripts/train.py host_model.run_dir={run_dir})")
     return summary

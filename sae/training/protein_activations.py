@@ -111,7 +111,7 @@ def check_protein_inputs(task: ProteinTaskConfig, host: ESM2HostConfig, device: 
         if entry != "pretrained":
             check_local_checkpoint(entry)
     scan = scan_fasta(task)
-    print(scan.report(task.fasta, task), flush=True)
+    log.info(scan.report(task.fasta, task))
     for warning in scan.warnings(task.fasta):
         log.warning(warning)
     return CheckedProteinInputs(scan, load_protein_sources(host, device, dtype))
@@ -252,8 +252,7 @@ def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, rec
                 for split, limit in (("train", task.max_train_tokens), ("test", task.max_test_tokens))}
         write_json(tmp / "record.json", record)
         write_json(tmp / "rows.json", rows)
-    print(f"Activation cache written: {cache_dir} ({rows['train']} train / {rows['test']} held-out residues)",
-          flush=True)
+    log.info("Activation cache written: %s (%d train / %d held-out residues)", cache_dir, rows["train"], rows["test"])
 
 
 def shard_paths(cache_dir: Path, split: str) -> list[Path]:
@@ -279,7 +278,7 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
     with waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"):  # concurrent sweep jobs build it once
         remove_stale_temps(cache_dir.parent, cache_dir.name)  # a build killed mid-way
         if check_cache(cache_dir, record):
-            print(f"Reusing activation cache {cache_dir}", flush=True)
+            log.info("Reusing activation cache %s", cache_dir)
         else:
             build_cache(sources, task, alphabet, cache_dir, record)
     test = read_split(cache_dir, "test").to(device)

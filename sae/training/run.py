@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
         torch.set_rng_state(state["torch_rng"].cpu())
         dead_latents.load(state)
         step, flops = state["step"], state["flops"]
-        print(f"Resuming from {resume.checkpoint} (step {step}/{cfg.num_steps})", flush=True)
+        log.info("Resuming from %s (step %d/%d)", resume.checkpoint, step, cfg.num_steps)
     # a sharded (larger-than-memory) table is gathered in a background thread while the step runs
     batches = BatchStream(data.train, cfg.batch_size, batch_generator, device,
                           prefetch=isinstance(data.train, ShardedTable))
@@ -187,8 +187,8 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     write_json(run_dir / "final_metrics.json", summary)
     tracker.log(final, step)
     tracker.finish()
-    print(headline(final, data.source_names, data.row_unit), flush=True)
-    print(f"Run dir: {run_dir}", flush=True)
+    log.info(headline(final, data.source_names, data.row_unit))
+    log.info("Run dir: %s", run_dir)
     return summary
 
 
@@ -200,7 +200,7 @@ def hand_over(pending, step: int, run_dir: Path) -> None:
         pending.restore()
         raise StopRequested(f"SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
                             "command to resume")
-    print(f"Stop signal at step {step}: checkpoint saved, handing over to the scheduler", flush=True)
+    log.info("Stop signal at step %d: checkpoint saved, handing over to the scheduler", step)
     pending.deliver()
 
 
