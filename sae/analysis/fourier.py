@@ -59,26 +59,69 @@ def latent_frequencies(values: torch.Tensor, latents: torch.Tensor) -> list[dict
 
 # -- progress measures (Nanda et al. 2023): restricted and excluded loss --------------------------
 # A grokked host's answer logits over the p number tokens are close to
-#     logit(a, b, c) = sum_{w in K} alpha_w cos(2 pi w (s(a, b) - c) / p + phi_w)
-# with s = a + b for addition (a - b for subtraction) and K the key frequencies. Restricted loss
-# keeps only those components of the logits (it falls as the circuit forms, before test accuracy
-# rises); excluded loss removes them and is measured on training pairs (it rises as the host stops
-# relying on memorisation). Components: cos and sin of 2 pi w (s - c) / p for each w in K, i.e. every
-# phase, projected over the (pair, c) grid given. Multiplication/division live on the cyclic group
-# of nonzero residues (a discrete-log reindexing) and are not covered here.
+#     logit(a, b, c) = sum_{w in K} alpha_w cos(2 pi w (s(a, b) - x(c)) / n + phi_w)
+# with K the key frequencies, for additive operations x = the residue, n = p, s = a + b (a - b for
+# subtraction); for multiplicative ones the same on the cyclic group of nonzero residues: x = the
+# discrete log to a primitive root g, n = p - 1, s = x(a) + x(b) (x(a) - x(b) for division), and
+# pairs or answers involving 0 are outside the group (left out of the basis and of the losses).
+# Restricted loss keeps only those components of the logits (it falls as the circuit forms, before
+# test accuracy rises); excluded loss removes them and is measured on training pairs (it rises as
+# the host stops relying on memorisation). Components: cos and sin for each w in K, i.e. every
+# phase, projected over the (pair, c) grid given.
 
-ADDITIVE_PHASE = {"addition": 1, "subtraction": -1}
+PHASE_SIGN = {"addition": 1, "subtraction": -1, "multiplication": 1, "division": -1}
+MULTIPLICATIVE = ("multiplication", "division")
 
 
-def key_frequency_basis(a: torch.Tensor, b: torch.Tensor, p: int, frequencies: list[int], sign_b: int) -> torch.Tensor:
+def primitive_root(p: int) -> int:
+    """The smallest generator of the multiplicative group mod the prime p."""
+    for g in range(1, p):
+        if len({pow(g, k, p) for k in range(p - 1)}) == p - 1:
+            return g
+    raise ValueError(f"no primitive root mod {p} (is it prime?)")
+
+
+def group_coordinates(p: int, operation: str) -> tuple[torch.Tensor, int]:
+    """([p] the coordinate x(v) of each residue v on the operation's cyclic group, -1 where v is
+    outside it (0 for multiplicative operations), the group's order n)."""
+    if operation not in PHASE_SIGN:
+        raise ValueError(f"restricted/excluded loss is defined for {sorted(PHASE_SIGN)}, not {operation}")
+    if operation not in MULTIPLICATIVE:
+        return torch.arange(p), p
+    g, coordinates = primitive_root(p), torch.full((p,), -1, dtype=torch.long)
+    for k in range(p - 1):
+        coordinates[pow(g, k, p)] = k  # discrete log: g^k = v
+    return coordinates, p - 1
+
+
+def group_ordered_embedding(W_E: torch.Tensor, operation: str) -> torch.Tensor:
+    """W_E: [p, d] number-token embeddings -> the rows in group order (x = 0, 1, ..., n - 1): the
+    residues themselves for additive operations, g^0, g^1, ... for multiplicative ones (whose
+    frequencies live on the discrete log)."""
+    coordinates, order = group_coordinates(W_E.shape[0], operation)
+    residue_at = torch.empty(order, dtype=torch.long)
+    defined = coordinates >= 0
+    residue_at[coordinates[defined]] = torch.where(defined)[0]
+    return W_E[residue_at]
+
+
+def operation_key_frequencies(W_E: torch.Tensor, operation: str, min_share: float = 0.05) -> list[int]:
+    """`key_frequencies` on the operation's group (see `group_ordered_embedding`)."""
+    return key_frequencies(group_ordered_embedding(W_E, operation), min_share)
+
+
+def key_frequency_basis(a: torch.Tensor, b: torch.Tensor, p: int, frequencies: list[int], operation: str) -> torch.Tensor:
     """[n * p, 2 |K|] orthonormal basis of the key-frequency components over the grid of the n
-    pairs (a, b) x the p answers c (row index pair * p + c)."""
-    c = torch.arange(p, dtype=torch.float64)
-    s = (a.double() + sign_b * b.double())[:, None]
+    pairs (a, b) x the p answers c (row index pair * p + c); zero where a, b or c is outside the
+    operation's group."""
+    coordinates, order = group_coordinates(p, operation)
+    xa, xb, xc = coordinates[a].double(), coordinates[b].double(), coordinates.double()
+    inside = ((coordinates[a] >= 0) & (coordinates[b] >= 0))[:, None] & (coordinates >= 0)[None, :]
+    s = (xa + PHASE_SIGN[operation] * xb)[:, None]
     columns = []
     for w in frequencies:
-        angle = 2 * torch.pi * w * (s - c) / p  # [n, p]
-        columns += [angle.cos().flatten(), angle.sin().flatten()]
+        angle = 2 * torch.pi * w * (s - xc[None, :]) / order  # [n, p]
+        columns += [(angle.cos() * inside).flatten(), (angle.sin() * inside).flatten()]
     basis, _ = torch.linalg.qr(torch.stack(columns, dim=1))
     return basis
 
@@ -87,30 +130,32 @@ def restricted_and_excluded_logits(logits: torch.Tensor, a: torch.Tensor, b: tor
                                    frequencies: list[int], operation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [n, p] over the number tokens for pairs (a, b) -> (only the key-frequency components,
     everything but them), each [n, p]."""
-    if operation not in ADDITIVE_PHASE:
-        raise ValueError(f"restricted/excluded loss is defined here for {sorted(ADDITIVE_PHASE)}, not {operation} "
-                         "(multiplicative operations need a discrete-log reindexing)")
     if not frequencies:
         raise ValueError("restricted/excluded loss needs at least one key frequency")
-    basis = key_frequency_basis(a, b, p, frequencies, ADDITIVE_PHASE[operation])
+    basis = key_frequency_basis(a, b, p, frequencies, operation)
     flat = logits.double().flatten()
     kept = basis @ (basis.t() @ flat)
     return kept.view_as(logits).to(logits.dtype), (flat - kept).view_as(logits).to(logits.dtype)
 
 
 @torch.no_grad()
-def progress_measures(model, dataset, frequencies: list[int]) -> dict[str, float]:
-    """Cross-entropy over the p answer tokens on train and test pairs of a one-operation additive
-    host: full, restricted (key frequencies only) and excluded (key frequencies removed)."""
+def progress_measures(model, dataset, frequencies: list[int], hooks=None) -> dict[str, float]:
+    """Cross-entropy over the p answer tokens on train and test pairs of a one-operation host: full,
+    restricted (key frequencies only) and excluded (key frequencies removed). Multiplicative
+    operations: over the pairs inside the group (a, b != 0). hooks: as in the host's forward (e.g.
+    a clamp spliced in while it trains)."""
     import torch.nn.functional as F
 
     if len(dataset.operations) != 1:
         raise ValueError("progress_measures takes a host trained on one operation")
     operation, p = dataset.operations[0].value, dataset.p
-    logits = model(dataset.tokens)[:, :p]  # answer logits over the number tokens
+    coordinates, _ = group_coordinates(p, operation)
+    logits = model(dataset.tokens, hooks)[:, :p]  # answer logits over the number tokens
     a, b = dataset.tokens[:, 0], dataset.tokens[:, 2]
+    inside = (coordinates[a] >= 0) & (coordinates[b] >= 0)
     metrics = {}
-    for split, mask in (("train", dataset.is_train), ("test", ~dataset.is_train)):
+    for split, in_split in (("train", dataset.is_train), ("test", ~dataset.is_train)):
+        mask = in_split & inside
         restricted, excluded = restricted_and_excluded_logits(logits[mask], a[mask], b[mask], p, frequencies, operation)
         labels = dataset.labels[mask]
         for name, values in (("full", logits[mask]), ("restricted", restricted), ("excluded", excluded)):

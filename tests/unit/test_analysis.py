@@ -322,21 +322,54 @@ def test_projecting_out_a_full_span_is_zero_ablation(mixed_data):
         steered_metrics(sae, mixed_data, torch.arange(2), 0.0, intervention="ablate")
 
 
-@pytest.mark.parametrize("operation, sign", [("addition", 1), ("subtraction", -1)])
+def discrete_log_reference(p: int) -> dict[int, int]:
+    """{v: k with g^k = v} for the smallest primitive root g, from pow() alone."""
+    g = next(g for g in range(2, p) if all(pow(g, (p - 1) // q, p) != 1 for q in range(2, p) if (p - 1) % q == 0
+                                           and all(q % r for r in range(2, q))))
+    return {pow(g, k, p): k for k in range(p - 1)}
+
+
+@pytest.mark.parametrize("operation, sign", [("addition", 1), ("subtraction", -1),
+                                             ("multiplication", 1), ("division", -1)])
 def test_restricted_logits_keep_exactly_the_key_frequency_components(operation, sign):
+    """Logits built from key-frequency waves on the operation's group (residues for + and -, the
+    discrete log for * and /, from pow()) plus waves at other frequencies: restricted keeps the
+    first exactly, excluded the rest."""
     from sae.analysis.fourier import restricted_and_excluded_logits
 
     p, keys = 13, [2, 5]
-    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).unbind(1)
-    c = torch.arange(p, dtype=torch.float64)
-    s = (a + sign * b).double()[:, None]
-    signal = 3 * torch.cos(2 * torch.pi * 2 * (s - c) / p + 0.4) + 2 * torch.cos(2 * torch.pi * 5 * (s - c) / p - 1.0)
-    noise = 0.7 * torch.cos(2 * torch.pi * 3 * (s - c) / p) + 0.5 * torch.cos(2 * torch.pi * 4 * a.double()[:, None] / p)
+    multiplicative = operation in ("multiplication", "division")
+    log = discrete_log_reference(p)
+    coordinate = (lambda v: log[v]) if multiplicative else (lambda v: v)
+    n = p - 1 if multiplicative else p
+    a, b = torch.cartesian_prod(torch.arange(1 if multiplicative else 0, p), torch.arange(1, p)).unbind(1)
+    xa = torch.tensor([coordinate(v) for v in a.tolist()], dtype=torch.float64)
+    xb = torch.tensor([coordinate(v) for v in b.tolist()], dtype=torch.float64)
+    xc = torch.tensor([coordinate(c) if (c or not multiplicative) else 0 for c in range(p)], dtype=torch.float64)
+    s = (xa + sign * xb)[:, None]
+    signal = 3 * torch.cos(2 * torch.pi * 2 * (s - xc) / n + 0.4) + 2 * torch.cos(2 * torch.pi * 5 * (s - xc) / n - 1.0)
+    if multiplicative:
+        signal[:, 0] = 0.0  # the answer 0 is outside the group: no component there
+    noise = 0.7 * torch.cos(2 * torch.pi * 3 * (s - xc) / n) + 0.5 * torch.cos(2 * torch.pi * 4 * xa[:, None] / n)
     restricted, excluded = restricted_and_excluded_logits(signal + noise, a, b, p, keys, operation)
     torch.testing.assert_close(restricted, signal)  # the key components whatever their phase, nothing else
     torch.testing.assert_close(excluded, noise)
-    with pytest.raises(ValueError, match="not multiplication"):
-        restricted_and_excluded_logits(signal, a, b, p, keys, "multiplication")
+    with pytest.raises(ValueError, match="not conditional"):
+        restricted_and_excluded_logits(signal, a, b, p, keys, "conditional")
+
+
+def test_group_ordered_embedding_puts_a_multiplicative_wave_on_one_frequency():
+    """An embedding that is a wave in the discrete log (what a grokked multiplication host learns)
+    has one key frequency once its rows are put in group order, and none in residue order."""
+    from sae.analysis.fourier import key_frequencies, operation_key_frequencies
+
+    p = 23
+    log = discrete_log_reference(p)
+    x = torch.tensor([log.get(v, 0) for v in range(p)], dtype=torch.float64)
+    W_E = torch.stack([torch.cos(2 * torch.pi * 4 * x / (p - 1)), torch.sin(2 * torch.pi * 4 * x / (p - 1))], dim=1)
+    W_E[0] = 0.0
+    assert operation_key_frequencies(W_E.float(), "multiplication", min_share=0.5) == [4]
+    assert key_frequencies(W_E.float(), min_share=0.5) == []
 
 
 def test_progress_measures_on_a_grokked_host_show_the_circuit(tmp_path):
