@@ -49,7 +49,8 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
     """Answer accuracy and CE of source `source`'s host with the intervention spliced in, per split
     and per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>"}. data: a modular
     ActivationData. intervention: "clamp" (the latents set to `value`, the SAE error kept) or
-    "project" (the span of the latents' `source` decoders projected out; `value` unused)."""
+    "project" (the span of the latents' `source` decoders projected out around the SAE's b_dec, a
+    mean ablation along them; `value` unused)."""
     if intervention not in INTERVENTIONS:
         raise ValueError(f"intervention must be one of {list(INTERVENTIONS)}, got {intervention!r}")
     metrics = {}
@@ -59,8 +60,9 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
         raw = x / data.scale[:, None]
         if not len(latents):
             replacement = raw[:, source]
-        elif intervention == "project":
-            replacement = project_out(raw[:, source], sae.W_dec.detach()[latents, source])
+        elif intervention == "project":  # around the SAE's decoder bias (its estimate of the mean), in raw units
+            centre = sae.b_dec.detach()[source] / data.scale[source]
+            replacement = project_out(raw[:, source], sae.W_dec.detach()[latents, source], centre)
         else:
             replacement = (clamp_replacement(sae, x, latents, value) / data.scale[:, None])[:, source]
         model, hook = data.sources[source].model, data.sources[source].hook
@@ -93,15 +95,14 @@ def source_view(sae, source: int):
 def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all_positions: bool = False):
     """A GrokTransformer hook ([batch, seq, d] -> same) that splices in the clamp of a frozen one-source
     SAE at the answer position (or every position). scale: the SAE's input scale (1 for a saved SAE,
-    whose weights take raw activations). Gradients flow through the clamp into the host."""
+    whose weights take raw activations). Gradients flow through the clamp into the host. An empty
+    clamp runs the same path and adds exact zeros (the study's "none")."""
     if sae.n_sources != 1:
         raise ValueError(f"clamping during host training needs a one-source SAE; this one has {sae.n_sources}")
     for param in sae.parameters():
         param.requires_grad_(False)
 
     def clamp(resid: torch.Tensor) -> torch.Tensor:
-        if len(latents) == 0:  # an empty clamp is the identity; skip the encode that would add exact zeros
-            return resid
         rows = resid if all_positions else resid[:, -1:]
         x = rows.reshape(-1, 1, rows.shape[-1]) * scale
         clamped = rows + clamp_shift(sae, x, latents, value).view_as(rows) / scale
@@ -142,24 +143,29 @@ def clamp_per_operation(sae, data, chosen: dict[str, torch.Tensor], value: float
     return table
 
 
-def project_out(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """x: [..., d] with its component in span(directions: [J, d]) removed (the continuous
-    alternative to a clamp: no encoder, no threshold; a control of the same rank removes as many
-    dimensions). An empty set of directions leaves x as it is."""
+def project_out(x: torch.Tensor, directions: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., d] with its variation in span(directions: [J, d]) removed: the component of
+    x - centre in the span is subtracted, so x keeps the centre's component there (a mean ablation
+    along the directions; centre None = zero ablation). The continuous alternative to a clamp: no
+    encoder, no threshold; a control of the same rank removes as many dimensions. An empty set of
+    directions leaves x as it is."""
     if len(directions) == 0:
         return x
     basis, _ = torch.linalg.qr(directions.t().to(x.dtype))  # [d, J] orthonormal columns
-    return x - (x @ basis) @ basis.t()
+    offset = x if centre is None else x - centre.to(x.dtype)
+    return x - (offset @ basis) @ basis.t()
 
 
-def projection_hook(directions: torch.Tensor, all_positions: bool = False):
-    """A GrokTransformer hook that projects `directions` (raw units) out of the stream at the answer
-    position (or every position), in evaluation or through host training."""
+def projection_hook(directions: torch.Tensor, centre: torch.Tensor | None = None, all_positions: bool = False):
+    """A GrokTransformer hook that projects `directions` (raw units) out of the stream around
+    `centre` (see `project_out`) at the answer position (or every position), in evaluation or
+    through host training."""
     directions = directions.detach()
+    centre = None if centre is None else centre.detach()
 
     def project(resid: torch.Tensor) -> torch.Tensor:
         if all_positions:
-            return project_out(resid, directions)
-        return torch.cat([resid[:, :-1], project_out(resid[:, -1:], directions)], dim=1)
+            return project_out(resid, directions, centre)
+        return torch.cat([resid[:, :-1], project_out(resid[:, -1:], directions, centre)], dim=1)
 
     return project

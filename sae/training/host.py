@@ -144,11 +144,12 @@ def save_host_checkpoint(model: GrokTransformer, path: Path) -> None:
 
 def run_host_training(
     task: ModularTaskConfig, arch_keys: dict, recipe: HostRecipe, run_dir: Path, tracker: Tracker,
-    device: str = "cpu", quiet: bool = False, hooks=None,
+    device: str = "cpu", quiet: bool = False, hooks=None, measure=None,
 ) -> dict:
     """Train to grokking (or num_steps); returns the summary that is also written to summary.json.
     hooks: {hookpoint name: fn} applied in every forward, training and evaluation (e.g. a frozen
-    SAE with clamped latents spliced in, sae.analysis.steering.clamp_hook)."""
+    SAE with clamped latents spliced in, sae.analysis.steering.clamp_hook). measure: (model, step)
+    -> dict of extra numbers for that evaluation's history row (e.g. restricted/excluded loss)."""
     run_dir = Path(run_dir)
     torch.manual_seed(recipe.seed)
     data = build_dataset(task)
@@ -174,6 +175,8 @@ def run_host_training(
         if is_eval:
             model.eval()
             metrics = evaluate_host(model, data, hooks)
+            if measure is not None:
+                metrics.update(measure(model, step))
             model.train()
             history.append({"step": step, **metrics})
             tracker.log(metrics, step)
