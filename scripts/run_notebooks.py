@@ -51,22 +51,29 @@ def execute(name: str, profile: str, out: Path, threads: int, timeout: int) -> t
 
 
 def results_table(out: Path, names: list[str]) -> str:
-    """Markdown table of the cc_first notebooks' results.json (README's experimental table)."""
-    header = ("| task | pre_grok step: train / test acc | post_grok step: test acc | test acc, latents clamped: "
-              "none / selected / random | grokking step retrained: none / selected / random |\n"
-              "|---|---|---|---|---|\n")
+    """Markdown table of the cc_first study notebooks' training-time rows (experimental/README)."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
+
+    header = ("| task | arm | seeds | test AUC, arm | test AUC, matched controls | test AUC, none | train AUC, arm "
+              "| train AUC, controls | combined p | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for name in names:
         path = out / name / "results.json"
-        if not name.startswith("cc_first") or not path.is_file():
+        if not name.startswith("cc_first") or not path.is_file() or "summary" not in json.loads(path.read_text()):
             continue
         r = json.loads(path.read_text())
-        pre, post = r["phases"]
-        ev, tr = r["clamp_at_evaluation"], r["clamp_during_training"]
-        rows.append(f"| {r['task']} | {pre['step']}: {pre['train_acc']:.3f} / {pre['test_acc']:.3f} | "
-                    f"{post['step']}: {post['test_acc']:.3f} | "
-                    f"{ev['none']:.3f} / {ev['selected']:.3f} / {ev['random']:.3f} | "
-                    f"{tr['none']} / {tr['selected']} / {tr['random']} |")
+        for row in r["summary"]:
+            if row["when"] != "training":
+                continue
+            if not row["seeds"]:
+                rows.append(f"| {r['task']} | {row['arm']} | 0 | no latents | | | | | | {row['verdict']} |")
+                continue
+            rows.append(f"| {r['task']} | {row['arm']} ({row['intervention']}) | {row['seeds']} | {spread(row['test_auc'])} | "
+                        f"{spread(row['control_test_auc_mean'])} | {spread(row['none_test_auc'])} | "
+                        f"{spread(row['train_auc'])} | {spread(row['control_train_auc_mean'])} | "
+                        f"{row['combined_p']:.3f} | {row['verdict']} |")
     return header + "\n".join(rows) if rows else ""
 
 
@@ -88,6 +95,7 @@ def main() -> int:
         sys.exit(f"Error: --profile must be small or full, got '{args.profile}'")
     if args.jobs < 1 or args.threads < 1:
         sys.exit("Error: --jobs and --threads must be >= 1")
+    args.out = args.out.resolve()  # the kernels run in experimental/: a relative path would land there
     args.out.mkdir(parents=True, exist_ok=True)
     # cc_first notebooks first: they train the hosts the others reuse
     names.sort(key=lambda n: (not n.startswith("cc_first"), n))

@@ -47,7 +47,7 @@ INTERVENTIONS = ("clamp", "project")
 def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int = 0,
                     intervention: str = "clamp") -> dict[str, float]:
     """Answer accuracy and CE of source `source`'s host with the intervention spliced in, per split
-    and per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>"}. data: a modular
+    and per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>", "<split>/ce_<op>"}. data: a modular
     ActivationData. intervention: "clamp" (the latents set to `value`, the SAE error kept) or
     "project" (the span of the latents' `source` decoders projected out around the SAE's b_dec, a
     mean ablation along them; `value` unused)."""
@@ -71,6 +71,7 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
         op_ids = data.dataset.op_ids[in_split]
         for index, op in enumerate(data.dataset.operations):
             metrics[f"{split}/acc_{op.value}"] = correct[op_ids == index].mean().item()
+            metrics[f"{split}/ce_{op.value}"] = losses[op_ids == index].mean().item()
     return metrics
 
 

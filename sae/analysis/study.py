@@ -22,8 +22,8 @@ Decision rule, stated before the runs, per arm and intervention (training-time):
   arm (c)'s (the largest latents), and its train loss over the horizon is no higher than the
   highest control's (it does not just break the host); with 5 controls x 3 seeds, chance alone
   gives this with p = (1/6)^3 ~ 0.005;
-- refuted: Fisher's combination of the per-seed empirical p-values is >= 0.05 (the arm sits inside
-  its control distribution);
+- refuted: the exact combination of the per-seed empirical p-values (`combined_p`) is >= 0.05
+  (the arm sits inside its control distribution);
 - otherwise inconclusive; an arm with no latents in any seed is reported as "no latents".
 """
 from __future__ import annotations
@@ -209,7 +209,8 @@ def training_effects(run: SaeRun, arms: dict[str, dict], plan: StudyPlan, out_di
     """{"horizon", "none": metrics, arm: {intervention: {"arm": metrics, "controls": [metrics...],
     "latents", "control_latents"}}, "curves": {...}} for one seed."""
     summary = json.loads((run.data.host_run_dir / "summary.json").read_text())
-    horizon = training_horizon(summary["grokking_step"], plan, run.config.host_model.train.eval_every)
+    grokked_at = summary["grokking_step"] or summary["final_step"]  # a host that never grokked: its whole run
+    horizon = training_horizon(grokked_at, plan, run.config.host_model.train.eval_every)
     frequencies = key_frequencies_of(run)
 
     def train(latents, intervention, name):
@@ -249,9 +250,25 @@ def study_seed(overrides: list[str], seed: int, plan: StudyPlan, out_dir: Path, 
 
 
 def fisher_combined_p(p_values: list[float]) -> float:
-    """Fisher's method: P(chi^2 with 2k df >= -2 sum ln p), closed form for even degrees of freedom."""
+    """Fisher's method: P(chi^2 with 2k df >= -2 sum ln p), closed form for even degrees of freedom.
+    Conservative for empirical p-values (they are discrete); `combined_p` is exact for them."""
     half = -sum(math.log(p) for p in p_values)
     return min(1.0, math.exp(-half) * sum(half ** i / math.factorial(i) for i in range(len(p_values))))
+
+
+def combined_p(p_values: list[float], controls: list[int], max_outcomes: int = 10 ** 7) -> float:
+    """Exact combination of per-seed empirical p-values (1 + #controls at least as extreme) / (1 + n):
+    under the null each is uniform on {1/(n+1), ..., 1}, independently per seed; returns
+    P(product of null p-values <= the observed product). Below all 5 controls in 3 seeds gives
+    (1/6)^3 ~ 0.005, as the decision rule states. Falls back to Fisher beyond max_outcomes."""
+    if math.prod(n + 1 for n in controls) > max_outcomes:
+        return fisher_combined_p(p_values)
+    sums = torch.zeros(1, dtype=torch.float64)
+    for n in controls:
+        levels = torch.log(torch.arange(1, n + 2, dtype=torch.float64) / (n + 1))
+        sums = (sums[:, None] + levels[None, :]).flatten()
+    observed = sum(math.log(p) for p in p_values)
+    return (sums <= observed + 1e-9).double().mean().item()
 
 
 def verdict(seeds: list[dict], arm: str, intervention: str) -> dict:
@@ -259,16 +276,17 @@ def verdict(seeds: list[dict], arm: str, intervention: str) -> dict:
     rows = [s["training"][arm][intervention] for s in seeds if arm in s["training"]]
     if not rows:
         return {"verdict": "no latents", "seeds_with_latents": 0}
-    p_values, below_all, below_largest, train_ok = [], [], [], []
+    p_values, below_all, below_largest, train_ok, counts = [], [], [], [], []
     for seed, row in zip([s for s in seeds if arm in s["training"]], rows):
         arm_auc = row["arm"]["test_auc"]
         controls = [c["test_auc"] for c in row["controls"]]
         p_values.append(empirical_p_value(arm_auc, controls, "less"))
+        counts.append(len(controls))
         below_all.append(arm_auc < min(controls))
         largest = seed["training"].get("largest", {}).get(intervention)
         below_largest.append(arm == "largest" or (largest is not None and arm_auc < largest["arm"]["test_auc"]))
         train_ok.append(row["arm"]["train_loss"] <= max(c["train_loss"] for c in row["controls"]))
-    combined = fisher_combined_p(p_values)
+    combined = combined_p(p_values, counts)
     complete = len(rows) == len(seeds)
     if complete and all(below_all) and all(below_largest) and all(train_ok):
         outcome = "confirmed"
@@ -295,7 +313,8 @@ def summarise(seeds: list[dict], plan: StudyPlan) -> list[dict]:
                              "control_train_acc_mean": [sum(c["controls_train"]) / len(c["controls_train"]) for c in cells],
                              "none_test_acc": [s["evaluation"]["none"]["test/acc"] for s in seeds if arm in s["evaluation"]],
                              "p_values": [c["p_value"] for c in cells],
-                             "combined_p": fisher_combined_p([c["p_value"] for c in cells])})
+                             "combined_p": combined_p([c["p_value"] for c in cells],
+                                                      [len(c["controls"]) for c in cells])})
         for intervention in plan.training_interventions:
             cells = [s["training"][arm][intervention] for s in seeds if arm in s["training"]]
             row = {"when": "training", "arm": arm, "intervention": intervention, "seeds": len(cells),
@@ -342,7 +361,7 @@ def format_summary(rows: list[dict]) -> str:
         elif row["seeds"]:
             lines.append(f"{head}: test AUC {spread(row['test_auc'])} vs matched {spread(row['control_test_auc_mean'])}"
                          f", none {spread(row['none_test_auc'])}, train AUC {spread(row['train_auc'])}, "
-                         f"Fisher p {row['combined_p']:.3f} -> {row['verdict']}")
+                         f"combined p {row['combined_p']:.3f} -> {row['verdict']}")
         else:
             lines.append(f"{head}: no latents selected in any seed -> {row['verdict']}")
     return "\n".join(lines)
@@ -374,3 +393,67 @@ def plot_training_effects(seeds: list[dict], arm: str, intervention: str, path: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+# -- per-operation targeting on a mixed host ----------------------------------------------------------
+
+def targeting_index(metrics: dict, none: dict, target: str, others: list[str]) -> float:
+    """How much more a run lost on `target`'s test accuracy (AUC over the horizon, against "none")
+    than on the other operations' on average: > 0 means the loss was aimed at `target`."""
+    def drop(op):
+        return none[f"test_auc_{op}"] - metrics[f"test_auc_{op}"]
+
+    return drop(target) - sum(drop(op) for op in others) / len(others)
+
+
+def targeting_seed(overrides: list[str], seed: int, plan: StudyPlan, out_dir: Path, task: str) -> dict:
+    """One seed of the targeting study: a crosscoder over a mixed host, per operation the n latents
+    with the largest generalisation effect on that operation (arm b, scored on its pairs), each
+    clamped while the host retrains, against matched controls."""
+    seed_dir = Path(out_dir) / f"seed{seed}"
+    run = load_sae_run(train_or_reuse(seed_overrides(overrides, seed), seed_dir / "crosscoder"), task=task,
+                       crosscoder=True)
+    ops = [op.value for op in run.config.task.operations]
+    if len(ops) < 2:
+        raise ValueError(f"per-operation targeting needs a host trained on >= 2 operations, got {ops}")
+    arms = {op: {k: (v.tolist() if isinstance(v, torch.Tensor) else v)
+                 for k, v in arm_generalisation_effect(run, plan.n_latents, plan.value, operation=op).items()}
+            for op in ops}
+    training = training_effects(run, arms, plan, seed_dir / "retrained")
+    rows = {}
+    for op in ops:
+        others = [o for o in ops if o != op]
+        for intervention in plan.training_interventions:
+            cell = training[op][intervention]
+            arm_index = targeting_index(cell["arm"], training["none"], op, others)
+            controls = [targeting_index(c, training["none"], op, others) for c in cell["controls"]]
+            rows[f"{op}/{intervention}"] = {
+                "target": op, "intervention": intervention, "index": arm_index, "control_indices": controls,
+                "p_value": empirical_p_value(arm_index, controls, "greater"),
+                "test_auc": {o: cell["arm"][f"test_auc_{o}"] for o in ops},
+                "control_test_auc_mean": {o: sum(c[f"test_auc_{o}"] for c in cell["controls"]) / len(cell["controls"])
+                                          for o in ops},
+                "none_test_auc": {o: training["none"][f"test_auc_{o}"] for o in ops},
+                "train_auc": cell["arm"]["train_auc"]}
+    return {"seed": seed, "phases": phase_accuracies(run), "arms": arms, "training": training, "targeting": rows}
+
+
+def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_dir: str | Path) -> dict:
+    """All seeds of the per-operation targeting study, with per target the rule's verdict:
+    targeted if in every seed the arm's targeting index is above all its matched controls';
+    not targeted if the combined p (`combined_p`) >= 0.05; otherwise inconclusive. Writes out_dir/targeting.json."""
+    out_dir = Path(out_dir)
+    seeds = [targeting_seed(overrides, seed, plan, out_dir, task) for seed in plan.seeds]
+    verdicts = {}
+    for key in seeds[0]["targeting"]:
+        cells = [s["targeting"][key] for s in seeds]
+        above_all = [c["index"] > max(c["control_indices"]) for c in cells]
+        combined = combined_p([c["p_value"] for c in cells], [len(c["control_indices"]) for c in cells])
+        verdicts[key] = {"index": [c["index"] for c in cells],
+                         "control_index_mean": [sum(c["control_indices"]) / len(c["control_indices"]) for c in cells],
+                         "p_values": [c["p_value"] for c in cells], "combined_p": combined,
+                         "verdict": "targeted" if all(above_all) else
+                                    "not targeted" if combined >= SIGNIFICANCE else "inconclusive"}
+    result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "verdicts": verdicts}
+    write_json(out_dir / "targeting.json", result)
+    return result

@@ -393,3 +393,17 @@ def test_progress_measures_on_a_grokked_host_show_the_circuit(tmp_path):
     metrics = progress_measures(model, build_dataset(task), frequencies)
     assert metrics["test/full_loss"] < 0.1 and metrics["test/restricted_loss"] < 0.1
     assert metrics["train/excluded_loss"] > math.log(23)
+
+
+def test_projection_removes_the_variation_along_the_directions_around_the_centre():
+    """A mean ablation along the span: the component of x - centre in span(D) goes, the rest of x
+    stays; projecting a full basis leaves the centre itself. Checked against a least-squares fit."""
+    from sae.analysis.steering import project_out
+
+    torch.manual_seed(0)
+    x, directions, centre = torch.randn(50, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    coefficients = torch.linalg.lstsq(directions.t(), (x - centre).t()).solution  # [2, 50]
+    expected = x - (directions.t() @ coefficients).t()
+    torch.testing.assert_close(project_out(x, directions, centre), expected)
+    torch.testing.assert_close(project_out(x, torch.eye(6, dtype=torch.float64), centre), centre.expand_as(x))
+    assert torch.equal(project_out(x, directions[:0], centre), x)

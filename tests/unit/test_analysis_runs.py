@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.analysis.grokking import (PRE, POST, clamp_at_evaluation, clamp_during_training, firing_latents,
-                                   generalisation_latents, phase_accuracies)
+from sae.analysis.grokking import PRE, POST, firing_latents, phase_accuracies
 from sae.analysis.diffing import relative_decoder_norms
 from sae.analysis.maps import embed_2d
 from sae.analysis.runs import RunDirError, compose_train_config, load_sae_run, train_or_reuse
@@ -109,25 +108,6 @@ def test_random_control_draws_from_the_pool_without_the_chosen():
         random_control(16, chosen, pool=torch.tensor([1, 2, 5]))
 
 
-def test_generalisation_latents_are_the_highest_r_among_those_firing_on_test_pairs(crosscoder):
-    chosen = generalisation_latents(crosscoder, 5)
-    r = relative_decoder_norms(crosscoder.sae, PRE, POST, crosscoder.input_scale)
-    fires = (crosscoder.sae.encode(crosscoder.data.test) > 0).any(dim=0)
-    brute = sorted(torch.where(fires)[0].tolist(), key=lambda i: -r[i].item())[:5]  # stable: ties by index
-    assert chosen.tolist() == brute
-
-
-def test_clamp_at_evaluation_compares_with_random_firing_latents(crosscoder):
-    chosen = generalisation_latents(crosscoder, 4)
-    results = clamp_at_evaluation(crosscoder, chosen)
-    record = crosscoder.data.sources[POST].record
-    assert results["none"]["test/acc"] == pytest.approx(record["test/acc"], abs=1e-6)
-    firing = set(firing_latents(crosscoder).tolist())
-    assert results["selected"]["latents"] == chosen.tolist()
-    control = set(results["random"]["latents"])
-    assert len(control) == 4 and control <= firing and not control & set(chosen.tolist())
-
-
 def test_an_empty_clamp_trains_the_host_as_without_it(tmp_path, crosscoder):
     """Equal up to float rounding: with a hook in the last block the forward computes every position."""
     task, host = crosscoder.config.task, crosscoder.config.host_model
@@ -142,14 +122,6 @@ def test_an_empty_clamp_trains_the_host_as_without_it(tmp_path, crosscoder):
     for plain_row, clamped_row in zip(*histories):
         assert clamped_row == pytest.approx(plain_row, rel=1e-4, abs=1e-6)
     assert plain["grokking_step"] == clamped["grokking_step"]
-
-
-def test_clamp_during_training_runs_selected_and_control_against_the_hosts_own_run(crosscoder):
-    chosen = generalisation_latents(crosscoder, 3)
-    results = clamp_during_training(crosscoder, chosen, num_steps=20)
-    assert results["selected"]["latents"] == chosen.tolist()
-    assert len(results["random"]["latents"]) == 3 and not set(results["random"]["latents"]) & set(chosen.tolist())
-    assert results["none"]["history"][-1]["step"] == 60 and results["selected"]["history"][-1]["step"] == 20
 
 
 def test_tsne_keeps_separated_clusters_apart():
