@@ -79,7 +79,8 @@ def source_view(sae, source: int):
     """A one-source SAE reading and writing only `source` of a crosscoder (its encoder columns,
     decoder rows and bias for that source; b_enc shared). For clamping a crosscoder's latents in a
     host that has one stream: latents owned by that source (relative decoder norm near 1 for it)
-    are encoded almost as in the crosscoder; shared latents lose the other source's input."""
+    are encoded almost as in the crosscoder; shared latents lose the other source's input. Buffers
+    (BatchTopK's threshold) and the train/eval mode are the crosscoder's."""
     from sae.saes import build_sae
 
     if not 0 <= source < sae.n_sources:
@@ -90,7 +91,9 @@ def source_view(sae, source: int):
         view.W_dec.copy_(sae.W_dec[:, source:source + 1])
         view.b_dec.copy_(sae.b_dec[source:source + 1])
         view.b_enc.copy_(sae.b_enc)
-    return view
+        for name, buffer in sae.named_buffers():  # e.g. BatchTopK's inference threshold
+            getattr(view, name).copy_(buffer)
+    return view.train(sae.training)
 
 
 def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all_positions: bool = False):

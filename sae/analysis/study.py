@@ -95,7 +95,22 @@ def select_arms(run: SaeRun, plan: StudyPlan) -> dict[str, dict]:
     for name in plan.arms:
         record = makers[name](run, plan.n_latents)
         arms[name] = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        arms[name]["view_jaccard"] = view_agreement(run, record["latents"])
     return arms
+
+
+@torch.no_grad()
+def view_agreement(run: SaeRun, latents: torch.Tensor) -> float | None:
+    """Jaccard overlap of where `latents` fire in the crosscoder (both checkpoints' activations) and
+    in its post-only view (what a training-time clamp encodes): 1 = the clamp sees the latents the
+    crosscoder found; lower = it clamps partly other events. None for an empty arm."""
+    if not len(latents):
+        return None
+    x = torch.cat([run.data.train, run.data.test])
+    crosscoder = run.sae.encode(x)[:, latents] > 0
+    view = source_view(run.sae, POST).encode(x[:, POST:POST + 1])[:, latents] > 0
+    union = (crosscoder | view).sum().item()
+    return (crosscoder & view).sum().item() / union if union else None
 
 
 def matched_draws(run: SaeRun, latents: list[int], count: int) -> list[list[int]]:

@@ -33,7 +33,8 @@ class InvalidCheckpointError(ReportedError):
 
 
 def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
-    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units.
+    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units,
+    in inference mode (`.eval()`: each row is encoded on its own, e.g. BatchTopK by its threshold).
 
     The files are verified against the checkpoint's manifest.json and the weights must be finite;
     a checkpoint written before manifests existed can be adopted with
@@ -58,7 +59,7 @@ def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
     if info.get("weights_format", 1) == 1:  # W_enc was [n_sources, d_in, d_sae]
         state["W_enc"] = state["W_enc"].permute(2, 0, 1).contiguous()
     sae.load_state_dict(state)
-    return sae.to(device)
+    return sae.to(device).eval()  # inference mode: BatchTopK's threshold, not a ranking over the batch given
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",

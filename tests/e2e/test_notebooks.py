@@ -14,7 +14,7 @@ from sae.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "experimental"
-REQUIRED = {f"cc_first-{task}" for task in ("addition", "subtraction", "multiplication", "division")} | {
+REQUIRED = {f"cc_first-{task}" for task in ("addition", "subtraction", "multiplication", "division", "mixed")} | {
     "viz_neuron_activations", "viz_feature_attribution", "viz_latent_space", "viz_neuron_interpretability"}
 
 
@@ -64,8 +64,12 @@ def test_every_notebook_executes_on_its_small_profile(tmp_path):
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["profile"] == "small" and results["notebook"] == name
         assert any(p.stat().st_size > 0 for p in (tmp_path / name).glob("*.png"))
-    cc_rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "step" not in line]
-    assert len(cc_rows) == 4  # the cc_first results table, one row per task
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| task |" not in line]
+    tasks = {row.split("|")[1].strip() for row in table}
+    assert tasks == {"addition", "subtraction", "multiplication", "division"}  # the study table, every task
     addition = json.loads((tmp_path / "cc_first-addition" / "results.json").read_text())
-    pre, post = addition["phases"]
+    (pre, post), = addition["phases"].values()  # the small profile: one seed
     assert pre["train_acc"] >= 0.99 and post["test_acc"] >= 0.99 and pre["step"] < post["step"]
+    assert {row["arm"] for row in addition["summary"]} == {"post_specific", "generalisation_effect", "largest"}
+    mixed = json.loads((tmp_path / "cc_first-mixed" / "results.json").read_text())
+    assert set(mixed["verdicts"]) == {"addition/clamp", "multiplication/clamp"}

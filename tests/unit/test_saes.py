@@ -328,3 +328,12 @@ def test_batchtopk_saves_and_loads_its_threshold(tmp_path, host_cache):
     loaded = load(checkpoint_dirs(tmp_path / "run")[0])
     assert loaded.threshold.item() > 0 and loaded.threshold_updates.item() == cfg.num_steps
     assert 0 < summary["eval/test/l0"] < 64
+    # loaded for inference: each row is encoded on its own (the threshold), not ranked against the batch
+    assert not loaded.training
+    x = torch.randn(32, 1, loaded.d_in)
+    torch.testing.assert_close(loaded.encode(x)[:1], loaded.encode(x[:1]))
+    from sae.analysis.steering import source_view
+
+    view = source_view(loaded, 0)
+    assert not view.training and view.threshold.item() == loaded.threshold.item()
+    torch.testing.assert_close(view.encode(x), loaded.encode(x))  # one source: the view is the SAE
