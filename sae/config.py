@@ -54,7 +54,7 @@ class TrainConfig(HostTrainConfig):
     grad_clip: Optional[float] = 1.0  # max global grad norm; null = no clipping
     log_every: int = 100  # train metrics (the only host syncs in the loop)
     eval_every: int = 500  # full eval on train and test pairs, spliced metrics included
-    checkpoint_every: Optional[int] = None  # extra resumable checkpoints (besides the FLOP schedule)
+    checkpoint_every: Optional[int] = 1000  # extra resumable checkpoints (besides the FLOP schedule); null = none
 
     def __post_init__(self) -> None:
         check_task_host_pair(self.task, self.host_model)

@@ -23,9 +23,11 @@ SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
 
 
 def build_sae(cfg: SAEConfig, n_sources: int, d_in: int) -> SparseCoder:
-    if cfg.type not in SAE_TYPES:
-        raise ValueError(f"Invalid value '{cfg.type}' for sae.type, expected one of {sorted(SAE_TYPES)}")
-    return SAE_TYPES[cfg.type][1](cfg, n_sources, d_in)
+    """The SAE class registered for the config's class (not its `type` string, which only names it)."""
+    for config_cls, sae_cls in SAE_TYPES.values():
+        if type(cfg) is config_cls:
+            return sae_cls(cfg, n_sources, d_in)
+    raise ValueError(f"no SAE registered for {type(cfg).__name__}; registered: {sorted(SAE_TYPES)}")
 
 
 class InvalidCheckpointError(ReportedError):

@@ -10,7 +10,7 @@ Subclasses choose the activation f = act(pre) and may add an auxiliary loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -30,6 +30,10 @@ class SAEConfig:
     init_decoder_norm: float = 1.0
 
     def __post_init__(self) -> None:
+        own_type = next(f.default for f in fields(self) if f.name == "type")
+        if self.type != own_type:  # the class decides the architecture; `type` only names it in files
+            raise ValueError(f"sae.type is set by the sae group, not overridden: this is a {own_type} config "
+                             f"(sae={own_type}), got sae.type={self.type}; choose another architecture with sae={self.type}")
         if self.sparse_dim <= 0:
             raise ValueError(f"sae.sparse_dim must be > 0, got {self.sparse_dim}")
         if self.sparsity_coef < 0:

@@ -37,7 +37,7 @@ MEMORISED = GROKKED = 0.99  # accuracy thresholds on train / test pairs
 class HostRecipe:
     """`host_model.train.*`: the host's training recipe."""
 
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.98

@@ -136,6 +136,7 @@ def test_unknown_option_lists_the_available_ones():
     (["host_model.checkpoints=[best]"], "host_model.checkpoints: invalid entry 'best'"),
     (["host_model.d_model=100", "host_model.n_heads=3"], "host_model.d_model=100 must be divisible by host_model.n_heads=3"),
     (["batch_size=0"], "batch_size must be > 0"),
+    (["sae=topk", "sae.type=vanilla"], "sae.type is set by the sae group, not overridden: this is a topk config"),
     (["task.train_fraction=1.5"], "task.train_fraction must be in (0, 1)"),
     (["task=protein_mlm", "host_model=esm2_t6_8M"], "Missing mandatory value: task.fasta"),
     (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "host_model.layers=[7]"],
@@ -201,3 +202,16 @@ def test_the_default_host_keeps_its_cache_name_and_a_set_grad_clip_changes_it():
     assert host_run_key(cfg.task, cfg.host_model) == "addition_p97_860e46d298"
     clipped = dataclasses.replace(cfg.host_model, train=dataclasses.replace(cfg.host_model.train, grad_clip=1.0))
     assert host_run_key(cfg.task, clipped) != "addition_p97_860e46d298"
+
+
+def test_dataclass_defaults_equal_the_composed_default_config():
+    """Python and notebook users (dataclass defaults) get the run the command line gets (YAML)."""
+    composed = build([])
+    for group in ("task", "host_model", "sae", "scheduler", "hardware", "tracking"):
+        node = getattr(composed, group)
+        assert node == type(node)(), f"{group}: conf/ and the {type(node).__name__} defaults disagree"
+    top = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+           if f.default is not dataclasses.MISSING and f.name not in ("task", "host_model")}  # those two: chosen by group
+    assert {key: getattr(composed, key) for key in top} == top
+    host = build([], config_name="train_host")
+    assert host.host_model == type(host.host_model)() and host.task == type(host.task)()
