@@ -10,14 +10,12 @@ batches, after one warm-up pass; ours includes keeping only residue rows, as the
 """
 import argparse
 import statistics
-import sys
 import time
 from itertools import islice
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.host_models.esm2 import ESM2Host, load_fair_esm, random_esm2, residue_mask  # noqa: E402
 from sae.tasks.protein import ProteinTaskConfig, read_records, token_batches  # noqa: E402
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from sae.host_models.config import ESM2HostConfig  # noqa: E402
 from sae.host_models.esm2 import random_esm2, save_fair_esm_checkpoint  # noqa: E402
 from sae.tasks.protein import ProteinTaskConfig  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.saes import build_sae  # noqa: E402
 from sae.saes.topk import TopKSAEConfig  # noqa: E402
 from sae.training.batches import BatchStream, ShardedTable  # noqa: E402

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.host_models.esm2 import (  # noqa: E402
     ESM2_ARCHITECTURES, is_fair_esm_filename, random_esm2, save_fair_esm_checkpoint,
 )

@@ -9,7 +9,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.analysis.sweep_summary import summarise, write_reports  # noqa: E402
 
 

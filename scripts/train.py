@@ -1,11 +1,8 @@
 """Train an SAE or crosscoder: `python scripts/train.py task=division sae=topk sae.k=50`."""
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.config import register_configs  # noqa: E402
 from sae.launch import run_cli, run_job  # noqa: E402
 from sae.training.run import run_training  # noqa: E402

@@ -3,13 +3,10 @@
 Writes checkpoints (log-spaced, plus the memorisation and grokking steps), summary.json and
 curves.png into the run dir; `scripts/train.py host_model.run_dir=<that dir>` then reads it.
 """
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sae.config import register_configs  # noqa: E402
 from sae.launch import run_cli, run_job  # noqa: E402
 from sae.training.host import run_host_job  # noqa: E402

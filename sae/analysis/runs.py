@@ -85,10 +85,6 @@ class SaeRun:
     metrics: dict
     input_scale: list[float]  # per source, what training multiplied raw activations by (sae.json)
 
-    @property
-    def task_name(self) -> str:
-        return self.config.task.name
-
 
 def load_sae_run(run_dir: str | Path, task: str | None = None, crosscoder: bool = False,
                  device: str = "cpu") -> SaeRun:

@@ -163,11 +163,6 @@ class ESM2Host(nn.Module):
         self._blocks(x, tokens, 0, max(layers), keep)
         return captured
 
-    def forward_replacing(self, tokens: torch.Tensor, layer: int,
-                          replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Logits with the residual at `layer` replaced by replace(resid) (e.g. an SAE reconstruction)."""
-        return self.head(replace(self.trunk(tokens, layer)), tokens, layer)
-
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer <= self.n_layers:
             raise ValueError(f"host_model.layers: layer {layer} out of range [0, {self.n_layers}] for this ESM-2")

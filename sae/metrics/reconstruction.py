@@ -24,11 +24,6 @@ def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).mean(dim=(0, 2))
 
 
-def l0(latents: torch.Tensor) -> torch.Tensor:
-    """Mean number of non-zero latents per row."""
-    return (latents != 0).float().sum(dim=-1).mean()
-
-
 def dead_fraction(fire_counts: torch.Tensor) -> torch.Tensor:
     """Fraction of latents that never fired. fire_counts: [d_sae]."""
     return (fire_counts == 0).float().mean()

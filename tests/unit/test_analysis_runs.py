@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.analysis.grokking import PRE, POST, firing_latents, phase_accuracies
+from sae.analysis.grokking import PRE, POST, phase_accuracies
 from sae.analysis.diffing import relative_decoder_norms
 from sae.analysis.maps import embed_2d
 from sae.analysis.runs import RunDirError, compose_train_config, load_sae_run, train_or_reuse
