@@ -36,7 +36,7 @@ from sae.saes.base import SAEOutput
 from sae.saes.batchtopk import BatchTopKSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
-from sae.training.hardware import DType, HardwareConfig
+from sae.hardware import DType, HardwareConfig
 from sae.training.schedules import sparsity_coef_at
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 

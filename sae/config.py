@@ -19,7 +19,7 @@ from sae.host_models.config import ESM2HostConfig, HostModelConfig
 from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
-from sae.training.hardware import HardwareConfig
+from sae.hardware import HardwareConfig
 from sae.training.schedules import SchedulerConfig
 from sae.tracking.wandb_tracker import TrackingConfig
 

@@ -14,8 +14,8 @@ import torch
 
 from sae.saes import build_sae  # noqa: E402
 from sae.saes.topk import TopKSAEConfig  # noqa: E402
-from sae.training.batches import BatchStream, ShardedTable  # noqa: E402
-from sae.training.hardware import HardwareConfig  # noqa: E402
+from sae.activations.batches import BatchStream, ShardedTable  # noqa: E402
+from sae.hardware import HardwareConfig  # noqa: E402
 from sae.training.step import make_optimizer, optimisation_step  # noqa: E402
 
 D_IN, D_SAE, K, BATCH, SHARD_ROWS = 512, 16384, 32, 4096, 65536

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from sae.config import register_configs  # noqa: E402
 from sae.launch import run_cli, run_job  # noqa: E402
-from sae.training.run import run_training  # noqa: E402
+from sae.jobs import run_training  # noqa: E402
 
 register_configs()
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from sae.config import register_configs  # noqa: E402
 from sae.launch import run_cli, run_job  # noqa: E402
-from sae.training.host import run_host_job  # noqa: E402
+from sae.host_models.training import run_host_job  # noqa: E402
 
 register_configs()
 

@@ -15,8 +15,8 @@ from sae.config import TrainConfig  # noqa: E402
 from sae.host_models.config import HostModelConfig  # noqa: E402
 from sae.saes.topk import TopKSAEConfig  # noqa: E402
 from sae.tasks.modular import ModularTaskConfig, Operation  # noqa: E402
-from sae.training.hardware import HardwareConfig  # noqa: E402
-from sae.training.host import HostRecipe  # noqa: E402
+from sae.hardware import HardwareConfig  # noqa: E402
+from sae.host_models.training import HostRecipe  # noqa: E402
 from sae.training.schedules import SchedulerConfig  # noqa: E402
 from sae.tracking import TrackingConfig, WandbMode  # noqa: E402
 

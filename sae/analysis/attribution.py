@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sae.tasks.modular import op_token
-from sae.training.activations import extract
+from sae.activations.modular import extract
 
 POSITIONS = ("a", "op", "b")
 

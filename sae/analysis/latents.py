@@ -32,7 +32,7 @@ class LatentGrid:
 
 @torch.no_grad()
 def latent_grid(sae, data) -> LatentGrid:
-    """data: sae.training.activations.ActivationData of a modular task at the answer position."""
+    """data: sae.activations.modular.ActivationData of a modular task at the answer position."""
     if getattr(data, "positions", None) is not TokenPositions.answer:
         raise UserInputError("latent tables need one activation per pair: train the SAE with "
                              "host_model.token_positions=answer on a modular task")

@@ -18,7 +18,7 @@ from sae.errors import UserInputError
 from sae.host_models.config import HostModelConfig
 from sae.saes import SAE_TYPES, SparseCoder, load
 from sae.tasks.modular import ModularTaskConfig
-from sae.training.activations import ActivationData, load_activation_data
+from sae.activations.modular import ActivationData, load_activation_data
 from sae.training.checkpoint import latest_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -43,7 +43,7 @@ def compose_train_config(overrides: list[str]):
 def train_or_reuse(overrides: list[str], run_dir: str | Path) -> Path:
     """Train `scripts/train.py <overrides>` into run_dir, or reuse it if it already finished with this
     config (an unfinished one resumes; one with another config is refused by the resume check)."""
-    from sae.training.run import check_resumable, run_training
+    from sae.jobs import check_resumable, run_training
 
     run_dir = Path(run_dir)
     cfg = compose_train_config(overrides)
@@ -60,7 +60,7 @@ def config_from_dict(saved: dict):
     """A TrainConfig from a run's config.json (modular tasks; enums and nested schemas restored)."""
     from sae.config import TrainConfig, to_dataclass
     from sae.saes.base import SAEConfig
-    from sae.training.hardware import HardwareConfig
+    from sae.hardware import HardwareConfig
     from sae.training.schedules import SchedulerConfig
     from sae.tracking import TrackingConfig
 

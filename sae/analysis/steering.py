@@ -120,7 +120,7 @@ def train_host_with_clamp(task, arch_keys: dict, recipe, run_dir, sae, hook: str
     """Train a host from scratch with `latents` clamped at `hook` throughout; returns its summary
     (memorisation / grokking steps, curves). Compare with the same call on random_control latents."""
     from sae.tracking.base import NullTracker
-    from sae.training.host import run_host_training
+    from sae.host_models.training import run_host_training
 
     hooks = {hook: clamp_hook(sae.to(device), latents.to(device), value)}
     return run_host_training(task, arch_keys, recipe, run_dir, NullTracker(), device=device, quiet=True, hooks=hooks)

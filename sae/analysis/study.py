@@ -165,7 +165,7 @@ def train_with_intervention(run: SaeRun, latents: list[int], intervention: str, 
     intervention at every step; returns its evaluation history (with restricted/excluded loss every
     plan.progress_every steps when frequencies are given). Reused when run_dir already holds it."""
     from sae.tracking.base import NullTracker
-    from sae.training.host import run_host_training
+    from sae.host_models.training import run_host_training
     from sae.tasks.modular import build_dataset
 
     spec = {"latents": latents, "intervention": intervention, "horizon": horizon, "value": plan.value,

@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Optional
 
 from sae.host_models.transformer import Activation, Norm, Positions
-from sae.training.host import HostRecipe
+from sae.host_models.training import HostRecipe
 
 CHECKPOINT_SELECTORS = ("pre_grok", "post_grok", "final", "step_N")
 STEP_SELECTOR = re.compile(r"step_(\d+)$")

@@ -29,7 +29,7 @@ from sae.host_models.config import STEP_SELECTOR, HostModelConfig
 from sae.host_models.transformer import Activation, GrokTransformer, Norm, Positions, TransformerArch
 from sae.run_lock import waiting_lock
 from sae.tasks.modular import ModularTaskConfig
-from sae.training.host import run_host_training
+from sae.host_models.training import run_host_training
 from sae.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)

@@ -72,3 +72,19 @@ def spliced_metrics(model: GrokTransformer, tokens: torch.Tensor, labels: torch.
     gap = metrics["ce_zero"] - metrics["ce_clean"]
     metrics["loss_recovered"] = (metrics["ce_zero"] - metrics["ce_spliced"]) / gap if abs(gap) > 1e-9 else float("nan")
     return metrics
+
+
+def spliced_source_metrics(data, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
+    """Per source of a modular host: the reconstruction spliced in, answer CE/accuracy (per
+    operation too). data: sae.activations.modular.ActivationData; raw_*: [rows, n_sources, d_in]."""
+    tokens, labels = data.dataset.train if split == "train" else data.dataset.test
+    in_split = data.dataset.is_train if split == "train" else ~data.dataset.is_train
+    op_ids = data.dataset.op_ids[in_split]
+    groups = ({op.value: op_ids == i for i, op in enumerate(data.dataset.operations)}
+              if len(data.dataset.operations) > 1 else None)
+    metrics = {}
+    for s, source in enumerate(data.sources):
+        spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
+                                  data.positions, groups)
+        metrics.update({f"{source.name}/{k}": v for k, v in spliced.items()})
+    return metrics

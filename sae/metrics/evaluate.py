@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from sae.activations import Activations
+from sae.activations.modular import ActivationData
+from sae.activations.protein import ProteinActivationData
+from sae.metrics.downstream import spliced_source_metrics
+from sae.metrics.protein_mlm import masked_lm_metrics
 from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, mse
 from sae.saes.base import SparseCoder
-from sae.training.activations import ActivationData
 
 EVAL_CHUNK = 16384
+
+# per activation family: how the reconstruction is scored inside the host
+DOWNSTREAM = {
+    ActivationData: lambda sae, data, split, raw_x, raw_x_hat: spliced_source_metrics(data, split, raw_x, raw_x_hat),
+    ProteinActivationData: lambda sae, data, split, raw_x, raw_x_hat: masked_lm_metrics(sae, data, split),
+}
 
 
 @torch.no_grad()
@@ -24,7 +34,7 @@ def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) -> dict[str, float]:
+def evaluate(sae: SparseCoder, data: Activations, downstream: bool = True) -> dict[str, float]:
     """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered};
     a task with several operations adds eval/<split>/<source>/acc_{clean,spliced,zero}_<operation>.
     For protein tasks `data` is a ProteinActivationData and ce_* are masked-LM losses (no acc_*).
@@ -47,7 +57,7 @@ def evaluate(sae: SparseCoder, data: ActivationData, downstream: bool = True) ->
             metrics[f"{prefix}/{source.name}/fvu"] = per_source_fvu[s].item()
             metrics[f"{prefix}/{source.name}/mse"] = per_source_mse[s].item()
         if downstream:
-            spliced = data.downstream_metrics(sae, split, raw_x, raw_x_hat)
+            spliced = DOWNSTREAM[type(data)](sae, data, split, raw_x, raw_x_hat)
             metrics.update({f"{prefix}/{k}": v for k, v in spliced.items()})
     sae.train(was_training)
     return metrics

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sae.activations.protein import batch_tokens
 from sae.host_models.esm2 import residue_mask
 from sae.tasks.protein import token_batches
 
@@ -45,8 +46,6 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, chosen: torch.Tensor) -
 @torch.no_grad()
 def masked_lm_metrics(sae, data, split: str) -> dict[str, float]:
     """Per source: <source>/{ce_clean, ce_spliced, ce_zero, loss_recovered} on `split`'s eval records."""
-    from sae.training.protein_activations import batch_tokens
-
     generator = torch.Generator().manual_seed(data.task.seed + (1 if split == "test" else 0))
     sources, alphabet = data.sources, data.alphabet
     totals = {s.name: {"clean": 0.0, "spliced": 0.0, "zero": 0.0} for s in sources}

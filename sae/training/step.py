@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae.saes.base import SAEOutput, SparseCoder
-from sae.training.hardware import HardwareConfig, autocast
+from sae.hardware import HardwareConfig, autocast
 
 # The dead-latent set AuxK works on is refreshed (a host sync: its size decides the kernel
 # shapes) every this many steps, on a cadence fixed by the step alone, so results do not depend

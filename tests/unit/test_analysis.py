@@ -14,7 +14,7 @@ from sae.saes import build_sae
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.tasks.modular import Operation
-from sae.training.activations import load_activation_data
+from sae.activations.modular import load_activation_data
 from tests.conftest import TINY_P, tiny_host, tiny_task
 
 
@@ -179,7 +179,7 @@ def test_clamp_hook_edits_only_the_answer_position_and_needs_one_source():
 def test_clamping_every_latent_during_host_training_blocks_learning(tmp_path, host_cache):
     from sae.analysis.steering import train_host_with_clamp
     from sae.host_models.transformer import hook_name
-    from sae.training.host import HostRecipe
+    from sae.host_models.training import HostRecipe
 
     host = tiny_host(host_cache)
     recipe = HostRecipe(lr=1e-2, num_steps=60, eval_every=10, steps_after_grok=None)
@@ -231,7 +231,7 @@ def test_clamp_per_operation_reports_every_operation_for_chosen_and_random_laten
     assert set(table) == {"none", "addition", "addition/random"}
     assert set(table["none"]) == {"addition", "division"}
     dataset = mixed_data.dataset
-    from sae.training.host import evaluate_host
+    from sae.host_models.training import evaluate_host
 
     clean = evaluate_host(mixed_data.sources[0].model, dataset)
     assert table["none"]["division"] == pytest.approx(clean["test/acc_division"], abs=1e-6)
@@ -379,7 +379,7 @@ def test_progress_measures_on_a_grokked_host_show_the_circuit(tmp_path):
     from sae.analysis.fourier import key_frequencies, progress_measures
     from sae.host_models.runs import load_host
     from sae.tasks.modular import build_dataset
-    from sae.training.host import HostRecipe, run_host_training
+    from sae.host_models.training import HostRecipe, run_host_training
     from sae.tracking.base import NullTracker
 
     task = tiny_task(p=23, train_fraction=0.6)

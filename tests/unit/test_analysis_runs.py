@@ -16,7 +16,7 @@ from sae.errors import UserInputError
 from sae.saes import build_sae
 from sae.atomic_io import write_manifest
 from sae.training.checkpoint import latest_checkpoint, load_train_state
-from sae.training.host import run_host_training
+from sae.host_models.training import run_host_training
 from sae.tracking.base import NullTracker
 
 TINY = ["task.p=23", "task.train_fraction=0.6", "host_model.d_model=32", "host_model.n_heads=2", "host_model.kv_heads=2",

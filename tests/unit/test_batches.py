@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae.training import protein_activations
-from sae.training.batches import BatchStream, ShardedTable, column_mean, mean_squared_norm
-from sae.training.protein_activations import load_protein_activation_data
-from sae.training.run import run_training
+from sae.activations import protein as protein_activations
+from sae.activations.batches import BatchStream, ShardedTable, column_mean, mean_squared_norm
+from sae.activations.protein import load_protein_activation_data
+from sae.jobs import run_training
 from tests.conftest import tiny_protein_config
 
 

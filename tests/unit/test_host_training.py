@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.tasks.modular import ModularTaskConfig, Operation
-from sae.training.host import HostRecipe, amplify_slow_gradients, run_host_training
+from sae.host_models.training import HostRecipe, amplify_slow_gradients, run_host_training
 from sae.tracking.base import NullTracker
 
 
@@ -49,7 +49,7 @@ def test_bad_recipe_is_refused(keys, message):
 
 
 def test_minibatches_cover_every_row_once_per_epoch_and_full_batch_is_every_row():
-    from sae.training.host import minibatches
+    from sae.host_models.training import minibatches
 
     stream = minibatches(10, 3, seed=0, device="cpu")
     epoch = torch.cat([next(stream) for _ in range(3)])  # 3 batches of 3; the last row waits for the next epoch

@@ -8,9 +8,9 @@ from sae.errors import UserInputError
 from sae.host_models.esm2 import load_fair_esm
 from sae.metrics.protein_mlm import bert_mask, masked_lm_metrics
 from sae.tasks.protein import read_records, token_batches
-from sae.training import protein_activations
-from sae.training.protein_activations import load_protein_activation_data
-from sae.training.run import run_training
+from sae.activations import protein as protein_activations
+from sae.activations.protein import load_protein_activation_data
+from sae.jobs import run_training
 from tests.conftest import tiny_protein_config
 
 

@@ -19,7 +19,7 @@ from sae.saes import InvalidCheckpointError
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.tracking import truncate_jsonl
 from sae.training.checkpoint import NoValidCheckpointError, checkpoint_dirs, checkpoint_problem
-from sae.training.run import TrainingDivergedError, ineffective_settings, run_training
+from sae.jobs import TrainingDivergedError, ineffective_settings, run_training
 from sae.training.schedules import SchedulerConfig, lr_at
 from tests.conftest import tiny_train_config
 
@@ -154,7 +154,7 @@ def test_a_sparsity_warmup_longer_than_the_run_is_warned_about(host_cache):
 # -- divergence and corrupted checkpoints ------------------------------------------------------------
 
 def test_an_injected_nan_stops_the_run_and_is_never_checkpointed(tmp_path, host_cache, monkeypatch):
-    import sae.training.run as run_module
+    import sae.jobs as run_module
 
     real_step = run_module.optimisation_step
     calls = {"n": 0}

@@ -320,7 +320,7 @@ def test_batchtopk_saves_and_loads_its_threshold(tmp_path, host_cache):
     from sae.saes import load
     from sae.saes.batchtopk import BatchTopKSAEConfig
     from sae.training.checkpoint import checkpoint_dirs
-    from sae.training.run import run_training
+    from sae.jobs import run_training
     from tests.conftest import tiny_train_config
 
     cfg = tiny_train_config(host_cache, sae=BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources
-from sae.training.host import log_spaced_steps
+from sae.host_models.training import log_spaced_steps
 from sae.training.schedules import Schedule, SchedulerConfig, crosses_flop_boundary, lr_at, sparsity_coef_at
 
 

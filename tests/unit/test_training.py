@@ -12,9 +12,9 @@ from sae.saes import load
 from sae.saes.batchtopk import BatchTopKSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
-from sae.training.activations import load_activation_data
+from sae.activations.modular import load_activation_data
 from sae.training.checkpoint import latest_checkpoint
-from sae.training.run import run_training
+from sae.jobs import run_training
 from tests.conftest import tiny_host, tiny_train_config
 
 
@@ -123,7 +123,7 @@ def test_stop_signal_saves_the_current_step_then_runs_the_original_handler(tmp_p
     import os
     import signal
 
-    import sae.training.run as run_module
+    import sae.jobs as run_module
 
     cfg = tiny_train_config(host_cache, num_steps=40, log_every=5, checkpoint_every=None)
     run_training(cfg, tmp_path / "full")
@@ -165,7 +165,7 @@ def test_mixed_task_reports_spliced_accuracy_per_operation(host_cache):
     from sae.metrics.evaluate import evaluate
     from sae.saes import build_sae
     from sae.tasks.modular import Operation
-    from sae.training.host import evaluate_host
+    from sae.host_models.training import evaluate_host
     from tests.conftest import tiny_task
 
     task = tiny_task(name="mixed", operations=[Operation.addition, Operation.division])

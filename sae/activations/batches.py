@@ -112,3 +112,9 @@ class BatchStream:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def normalisation_scale(x) -> torch.Tensor:
+    """One factor per source so that E||c_s x_s||^2 = d_in on the training rows (dataset-wide,
+    not per token, so relative norms between tokens are kept). x: a tensor or a ShardedTable."""
+    return (x.shape[-1] / mean_squared_norm(x).clamp_min(1e-12)).sqrt()

@@ -31,7 +31,8 @@ from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm
 from sae.tasks.protein import (FastaScan, ProteinRecord, ProteinTaskConfig, in_split, read_records, scan_fasta,
                                token_batches)
 from sae.run_lock import waiting_lock
-from sae.training.batches import ShardedTable
+from sae.activations.batches import ShardedTable, normalisation_scale
+from sae.activations.modular import sources_meta
 from sae.atomic_io import atomic_dir, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ class ProteinActivationData:
         return [s.name for s in self.sources]
 
     def meta(self) -> dict:
-        from sae.training.activations import sources_meta
-
         test_split = ("training records (task.test_fraction=0: nothing held out)" if self.task.test_fraction == 0
                       else "held-out records")
         return {**sources_meta(self.sources), "token_positions": "residues", "activation_cache": str(self.cache_dir),
@@ -90,11 +89,6 @@ class ProteinActivationData:
             records = (r for r in read_records(self.task) if in_split(r, split, self.task))
             self.eval_sets[split] = list(islice(records, self.task.eval_sequences))
         return self.eval_sets[split]
-
-    def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
-        from sae.metrics.protein_mlm import masked_lm_metrics
-
-        return masked_lm_metrics(sae, self, split)
 
 
 @dataclass
@@ -267,7 +261,6 @@ def read_split(cache_dir: Path, split: str) -> torch.Tensor:
 def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, normalize: bool, device: str,
                                  dtype: torch.dtype = torch.float32, checked: CheckedProteinInputs | None = None
                                  ) -> ProteinActivationData:
-    from sae.training.activations import normalisation_scale
 
     checked = checked or check_protein_inputs(task, host, device, dtype)
     scan, sources = checked.scan, checked.sources

@@ -19,13 +19,13 @@ from sae.errors import ReportedError, UserInputError
 from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
 from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
-from sae.training.activations import ActivationData, check_inputs, load_any_activation_data
+from sae.activations import Activations, check_inputs, load_activations
 from sae.run_lock import exclusive_dir
 from sae.tracking import check_tracking, make_tracker, truncate_jsonl
-from sae.training.batches import BatchStream, ShardedTable, column_mean
+from sae.activations.batches import BatchStream, ShardedTable, column_mean
 from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite_tensor,
                                      remove_stale_checkpoint_temps, save_sae_checkpoint)
-from sae.training.hardware import apply_threads, check_hardware, host_dtype
+from sae.hardware import apply_threads, check_hardware, host_dtype
 from sae.training.signals import PendingSignals, StopRequested, deferred_stop_signals
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     if resume is not None:
         truncate_jsonl(run_dir / "metrics.jsonl", resume.state["step"])
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
-    data = load_any_activation_data(cfg.task, cfg.host_model, cfg.sae.normalize, device,
+    data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, device,
                                     host_dtype(cfg.hardware), checked)
     _, n_sources, d_in = data.train.shape
 
@@ -236,7 +236,7 @@ def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: flo
         }
 
 
-def folded_state(sae: SparseCoder, data: ActivationData) -> dict:
+def folded_state(sae: SparseCoder, data: Activations) -> dict:
     """Weights that take raw activations (the training-time normalisation folded in)."""
     folded = build_sae(sae.cfg, sae.n_sources, sae.d_in).to(data.scale.device)
     folded.load_state_dict(sae.state_dict())
@@ -244,7 +244,7 @@ def folded_state(sae: SparseCoder, data: ActivationData) -> dict:
     return folded.state_dict()
 
 
-def sae_meta(cfg: TrainConfig, data: ActivationData, step: int, flops: int) -> dict:
+def sae_meta(cfg: TrainConfig, data: Activations, step: int, flops: int) -> dict:
     return {
         "sae": json.loads(json.dumps(dataclasses.asdict(cfg.sae), default=str)),
         "n_sources": len(data.sources), "d_in": data.train.shape[-1], "step": step, "flops": flops,

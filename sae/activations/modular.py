@@ -1,4 +1,5 @@
-"""Host activations as SAE training data: computed once for the whole (tiny) task, kept in memory.
+"""Modular-arithmetic host activations as SAE training data: computed once for the whole (tiny)
+task, kept in memory.
 
 Sources are every (checkpoint, layer) pair, checkpoint-major. Rows are pairs (token_positions=answer)
 or pairs x positions (token_positions=all); train and test pairs are kept apart.
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 
 from sae.host_models.config import HostModelConfig, TokenPositions
-from sae.host_models.runs import HostRunError, check_host_inputs, ensure_host_run, load_host, resolve_checkpoint
+from sae.activations.batches import normalisation_scale
+from sae.host_models.runs import HostRunError, ensure_host_run, load_host, resolve_checkpoint
 from sae.host_models.transformer import GrokTransformer, hook_name, hook_width
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset
 
@@ -53,22 +55,6 @@ class ActivationData:
     def eval_table(self, split: str) -> torch.Tensor:
         """The rows evaluate() scores for a split: all of them."""
         return self.train if split == "train" else self.test
-
-    def downstream_metrics(self, sae, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
-        """Per source: the reconstruction spliced into the host, answer CE/accuracy (per operation too)."""
-        from sae.metrics.downstream import spliced_metrics
-
-        tokens, labels = self.dataset.train if split == "train" else self.dataset.test
-        in_split = self.dataset.is_train if split == "train" else ~self.dataset.is_train
-        op_ids = self.dataset.op_ids[in_split]
-        groups = ({op.value: op_ids == i for i, op in enumerate(self.dataset.operations)}
-                  if len(self.dataset.operations) > 1 else None)
-        metrics = {}
-        for s, source in enumerate(self.sources):
-            spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
-                                      self.positions, groups)
-            metrics.update({f"{source.name}/{k}": v for k, v in spliced.items()})
-        return metrics
 
 
 def sources_meta(sources) -> dict:
@@ -120,35 +106,3 @@ def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normali
     test = extract(sources, dataset.test[0], positions)
     scale = normalisation_scale(train) if normalize else torch.ones(len(sources), device=train.device)
     return ActivationData(sources, dataset, positions, train * scale[:, None], test * scale[:, None], scale, run_dir)
-
-
-def normalisation_scale(x) -> torch.Tensor:
-    """One factor per source so that E||c_s x_s||^2 = d_in on the training rows (dataset-wide,
-    not per token, so relative norms between tokens are kept). x: a tensor or a ShardedTable."""
-    from sae.training.batches import mean_squared_norm
-
-    return (x.shape[-1] / mean_squared_norm(x).clamp_min(1e-12)).sqrt()
-
-
-def check_inputs(task, host, device: str = "cpu", host_dtype: torch.dtype = torch.float32) -> object:
-    """Every file, run dir and data set the config names exists and fits, before any work.
-    Returns what the check learnt that loading reuses (the FASTA scan for protein tasks)."""
-    from sae.tasks.protein import ProteinTaskConfig
-
-    if isinstance(task, ProteinTaskConfig):
-        from sae.training.protein_activations import check_protein_inputs
-
-        return check_protein_inputs(task, host, device, host_dtype)
-    check_host_inputs(task, host)
-    return None
-
-
-def load_any_activation_data(task, host, normalize: bool, device: str, host_dtype: torch.dtype, checked=None):
-    """ActivationData for a modular task, ProteinActivationData for a protein task."""
-    from sae.tasks.protein import ProteinTaskConfig
-
-    if isinstance(task, ProteinTaskConfig):
-        from sae.training.protein_activations import load_protein_activation_data
-
-        return load_protein_activation_data(task, host, normalize, device, host_dtype, checked)
-    return load_activation_data(task, host, normalize, device)

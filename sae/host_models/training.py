@@ -26,6 +26,9 @@ from sae.host_models.transformer import GrokTransformer, TransformerArch
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset, vocab_size
 from sae.atomic_io import atomic_file, write_json
 from sae.errors import UserInputError
+from sae.hardware import apply_threads, check_hardware
+from sae.run_lock import exclusive_dir
+from sae.tracking import check_tracking, make_tracker
 from sae.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -252,10 +255,6 @@ def plot_host_curves(history: list[dict], summary: dict, path: Path) -> None:
 
 def run_host_job(cfg, run_dir: Path, on_start=None) -> dict:
     """scripts/train_host.py's job. cfg: sae.config.HostTrainConfig. Checks, then `on_start`, then work."""
-    from sae.run_lock import exclusive_dir
-    from sae.tracking import check_tracking, make_tracker
-    from sae.training.hardware import apply_threads, check_hardware
-
     run_dir = Path(run_dir)
     with exclusive_dir(run_dir) as lock:
         check_hardware(cfg.hardware)
