@@ -112,6 +112,7 @@ def clamp_hook(sae, latents: torch.Tensor, value: float, scale: float = 1.0, all
         clamped = rows + clamp_shift(sae, x, latents, value).view_as(rows) / scale
         return clamped if all_positions else torch.cat([resid[:, :-1], clamped], dim=1)
 
+    clamp.answer_position_only = not all_positions  # the host may then compute only that position
     return clamp
 
 
@@ -172,4 +173,5 @@ def projection_hook(directions: torch.Tensor, centre: torch.Tensor | None = None
             return project_out(resid, directions, centre)
         return torch.cat([resid[:, :-1], project_out(resid[:, -1:], directions, centre)], dim=1)
 
+    project.answer_position_only = not all_positions
     return project

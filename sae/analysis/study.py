@@ -169,7 +169,8 @@ def train_with_intervention(run: SaeRun, latents: list[int], intervention: str, 
     from sae.tasks.modular import build_dataset
 
     spec = {"latents": latents, "intervention": intervention, "horizon": horizon, "value": plan.value,
-            "frequencies": frequencies, "progress_every": plan.progress_every}
+            "frequencies": frequencies, "progress_every": plan.progress_every,
+            "forward": "answer-position"}  # the hooked host computes only the answer position in its last block
     history_path = run_dir / "history.jsonl"
     if (run_dir / "spec.json").is_file() and json.loads((run_dir / "spec.json").read_text()) == spec \
             and (run_dir / "summary.json").is_file():

@@ -183,8 +183,11 @@ class GrokTransformer(nn.Module):
         last_layer = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             # The answer is read at the last position and attention is causal, so the final
-            # block needs only that position, unless a hook reads or edits the block.
-            last_only = layer == last_layer and not any(name.startswith(f"blocks.{layer}.") for name in hooks)
+            # block needs only that position, unless a hook reads or edits other positions of
+            # the block (hooks that touch only the answer position say so: `answer_position_only`).
+            last_only = layer == last_layer and stop_after_layer is None and all(
+                getattr(hook, "answer_position_only", False) for name, hook in hooks.items()
+                if name.startswith(f"blocks.{layer}."))
             attn_out = block.attn(block.norm_attn(x), last_query_only=last_only)
             x = (x[:, -1:] if last_only else x) + attn_out
             hidden = block.mlp.hidden(block.norm_mlp(x))

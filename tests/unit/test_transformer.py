@@ -48,3 +48,23 @@ def test_hooks_read_and_replace():
     assert torch.allclose(identity, model(tokens), atol=1e-6)
     ablated = model(tokens, {"blocks.0.mlp_hidden": torch.zeros_like})
     assert not torch.allclose(ablated, identity)
+
+
+def test_a_hook_on_the_answer_position_only_keeps_the_shortcut_and_the_logits():
+    """A last-block hook flagged `answer_position_only` sees only the answer position (the shortcut
+    stays on) and gives the logits of the same edit made with every position computed."""
+    torch.manual_seed(0)
+    model = GrokTransformer(TransformerArch(vocab_size=29, n_outputs=23, n_layers=1, d_model=16, n_heads=4, kv_heads=4, d_mlp=24))
+    tokens = torch.randint(0, 23, (6, 4))
+    direction = torch.randn(16)
+    seen = []
+
+    def edit(resid):
+        seen.append(resid.shape[1])
+        return torch.cat([resid[:, :-1], resid[:, -1:] + direction], dim=1)
+
+    full = model(tokens, {"blocks.0.resid_post": edit})
+    edit.answer_position_only = True
+    shortcut = model(tokens, {"blocks.0.resid_post": edit})
+    assert seen == [4, 1]
+    torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=1e-5)
