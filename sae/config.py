@@ -6,7 +6,9 @@ extend them (Hydra's "structured configs" pattern: schema in a separate group, o
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -171,3 +173,26 @@ def _innermost_message(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return str(error).strip().splitlines()[0]
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as plain JSON values (what a run writes to config.json)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_from_dict(saved: dict) -> TrainConfig:
+    """A TrainConfig from a run's config.json, for either task family (the saved task names its
+    schema: a FASTA file means protein_mlm + ESM-2), enums and nested schemas restored."""
+    task_cls, host_cls = ((ProteinTaskConfig, ESM2HostConfig) if "fasta" in saved["task"]
+                          else (ModularTaskConfig, HostModelConfig))
+    schemas = {"task": task_cls, "host_model": host_cls, "sae": SAE_TYPES[saved["sae"]["type"]][0],
+               "scheduler": SchedulerConfig, "hardware": HardwareConfig, "tracking": TrackingConfig}
+    node = OmegaConf.structured(TrainConfig)
+    for key, schema in schemas.items():
+        node[key] = OmegaConf.merge(OmegaConf.structured(schema), saved[key])
+    return to_dataclass(OmegaConf.merge(node, {k: v for k, v in saved.items() if k not in schemas}))
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig of a run of scripts/train.py, from its config.json."""
+    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sae.atomic_io import write_json
-from sae.config import TrainConfig
+from sae.config import TrainConfig, config_dict
 from sae.errors import ReportedError, UserInputError
 from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: they do not alter the trained weights.
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:

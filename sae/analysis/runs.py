@@ -12,12 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from sae.config import config_from_dict
 from sae.errors import UserInputError
-from sae.host_models.config import HostModelConfig
-from sae.saes import SAE_TYPES, SparseCoder, load
-from sae.tasks.modular import ModularTaskConfig
+from sae.saes import SparseCoder, load
 from sae.activations.modular import ActivationData, load_activation_data
 from sae.training.checkpoint import latest_checkpoint
 
@@ -54,23 +51,6 @@ def train_or_reuse(overrides: list[str], run_dir: str | Path) -> Path:
         return run_dir
     run_training(cfg, run_dir)
     return run_dir
-
-
-def config_from_dict(saved: dict):
-    """A TrainConfig from a run's config.json (modular tasks; enums and nested schemas restored)."""
-    from sae.config import TrainConfig, to_dataclass
-    from sae.saes.base import SAEConfig
-    from sae.hardware import HardwareConfig
-    from sae.training.schedules import SchedulerConfig
-    from sae.tracking import TrackingConfig
-
-    sae_cls = SAE_TYPES[saved["sae"]["type"]][0] if saved["sae"].get("type") in SAE_TYPES else SAEConfig
-    schemas = {"task": ModularTaskConfig, "host_model": HostModelConfig, "sae": sae_cls,
-               "scheduler": SchedulerConfig, "hardware": HardwareConfig, "tracking": TrackingConfig}
-    node = OmegaConf.structured(TrainConfig)
-    for key, schema in schemas.items():
-        node[key] = OmegaConf.merge(OmegaConf.structured(schema), saved[key])
-    return to_dataclass(OmegaConf.merge(node, {k: v for k, v in saved.items() if k not in schemas}))
 
 
 @dataclass

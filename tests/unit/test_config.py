@@ -1,5 +1,6 @@
 """Every option of every group composes with every other; bad input fails with a message naming the key."""
 import dataclasses
+import json
 import itertools
 from pathlib import Path
 
@@ -215,3 +216,15 @@ def test_dataclass_defaults_equal_the_composed_default_config():
     assert {key: getattr(composed, key) for key in top} == top
     host = build([], config_name="train_host")
     assert host.host_model == type(host.host_model)() and host.task == type(host.task)()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task=division", "sae=batchtopk", "sae.k=20", "scheduler=cosine"],
+    ["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "sae=vanilla", "host_model.layers=[2,4]"],
+])
+def test_a_saved_config_loads_back_as_the_same_typed_config_for_both_task_families(overrides):
+    from sae.config import config_dict, config_from_dict
+
+    cfg = build(overrides)
+    saved = json.loads(json.dumps(config_dict(cfg)))  # what config.json holds
+    assert config_from_dict(saved) == cfg
