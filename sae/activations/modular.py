@@ -49,8 +49,11 @@ class ActivationData:
 
     def meta(self) -> dict:
         """What a saved SAE records about its inputs."""
-        return {**sources_meta(self.sources), "token_positions": self.positions.value,
-                "host_run_dir": str(self.host_run_dir)}
+        meta = {**sources_meta(self.sources), "token_positions": self.positions.value,
+                "host_run_dir": str(Path(self.host_run_dir).resolve())}
+        for entry, source in zip(meta["sources"], self.sources):
+            entry["step"] = source.record.get("step")  # what the selector (final, pre_grok, ...) resolved to
+        return meta
 
     def eval_table(self, split: str) -> torch.Tensor:
         """The rows evaluate() scores for a split: all of them."""

@@ -29,7 +29,7 @@ from sae.host_models.config import STEP_SELECTOR, HostModelConfig
 from sae.host_models.transformer import Activation, GrokTransformer, Norm, Positions, TransformerArch
 from sae.run_lock import waiting_lock
 from sae.tasks.modular import ModularTaskConfig
-from sae.host_models.training import run_host_training
+from sae.host_models.training import GROKKED, run_host_training
 from sae.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,13 @@ def resolve_checkpoint(run_dir: Path, selector: str) -> tuple[str, Path, dict]:
 
 def _select(summary: dict, records: list[dict], selector: str, run_dir: Path) -> dict:
     if selector == "final":
-        return records[-1]
+        final = records[-1]
+        grok = summary.get("grokking_step")
+        if grok is not None and final.get("test/acc", 1.0) < GROKKED:
+            log.warning(f"host_model.checkpoints=final: the host in {run_dir} grokked at step {grok} but its final "
+                        f"checkpoint (step {final['step']}) fell back to test acc {final['test/acc']:.3f}; "
+                        "post_grok selects the first grokked checkpoint")
+        return final
     step_match = STEP_SELECTOR.match(selector)
     if step_match:
         step = int(step_match.group(1))

@@ -48,3 +48,15 @@ def test_selector_errors_say_what_to_do(tmp_path):
         resolve_checkpoint(run, "step_7")
     with pytest.raises(HostRunError, match="train one first with `python scripts/train_host.py"):
         resolve_checkpoint(tmp_path / "empty", "final")
+
+
+def test_a_final_checkpoint_that_fell_out_of_grokking_is_named_in_a_warning(tmp_path, caplog):
+    """Seen: test 0.995 at step 150, 0.74 at the final step 250, and an SAE trained on it silently."""
+    run = write_run(tmp_path, [(0, 0.0, 0.0), (100, 1.0, 0.3), (150, 1.0, 0.995), (250, 1.0, 0.74)], grokking_step=150)
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(run, "final")[2]["step"] == 250
+    assert "grokked at step 150 but its final checkpoint (step 250) fell back to test acc 0.740" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resolve_checkpoint(write_run(tmp_path, CHECKPOINTS, grokking_step=350), "final")
+    assert caplog.text == ""

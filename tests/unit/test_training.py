@@ -1,5 +1,6 @@
 """Tiny real runs in-process: outputs, checkpoint round trip, resume equivalence, metrics sanity."""
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -83,6 +84,8 @@ def test_crosscoder_over_layers_and_all_positions(tmp_path, host_cache):
     assert summary["sources"] == ["step_50.L0", "step_50.L1", "final.L0", "final.L1"]
     meta = json.loads((latest_checkpoint(tmp_path / "run") / "sae.json").read_text())
     assert meta["n_sources"] == 4 and meta["token_positions"] == "all"
+    assert [source["step"] for source in meta["sources"]] == [50, 50, 60, 60]  # what each selector resolved to
+    assert Path(meta["host_run_dir"]).is_absolute() and (Path(meta["host_run_dir"]) / "summary.json").is_file()
     assert load(latest_checkpoint(tmp_path / "run")).W_dec.shape == (64, 4, 32)
 
 
