@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sae.host_models.esm2 import ESM2Host, load_fair_esm, random_esm2, residue_mask  # noqa: E402
-from sae.tasks.protein import ProteinTaskConfig, read_records, token_batches  # noqa: E402
+from sae.host_models.esm2 import ESM2Host, esm2_hook_name, load_fair_esm, random_esm2, residue_mask
+from sae.tasks.protein import ProteinTaskConfig, read_records, token_batches
 
 
 def build_model(checkpoint: str | None):
@@ -71,7 +71,7 @@ def main() -> None:
         with torch.no_grad():
             seconds = timed_passes({
                 "fair-esm": lambda t: model(t, repr_layers=[layer])["representations"][layer],
-                "ours": lambda t: host.capture(t, [layer])[layer][residue_mask(t, alphabet)],
+                "ours": lambda t: host.capture(t, [esm2_hook_name(layer)])[esm2_hook_name(layer)][residue_mask(t, alphabet)],
             }, batches, args.repeats)
         theirs, ours = seconds["fair-esm"], seconds["ours"]
         overhead = ours / theirs - 1

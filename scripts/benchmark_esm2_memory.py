@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from sae.host_models.config import ESM2HostConfig  # noqa: E402
-from sae.host_models.esm2 import random_esm2, save_fair_esm_checkpoint  # noqa: E402
-from sae.tasks.protein import ProteinTaskConfig  # noqa: E402
-from sae.activations.protein import (  # noqa: E402
+from sae.host_models.config import ESM2HostConfig
+from sae.host_models.esm2 import random_esm2, save_fair_esm_checkpoint
+from sae.tasks.protein import ProteinTaskConfig
+from sae.activations.protein import (
     build_cache, cache_record, check_protein_inputs, load_alphabet,
 )
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.saes import build_sae  # noqa: E402
-from sae.saes.topk import TopKSAEConfig  # noqa: E402
-from sae.activations.batches import BatchStream, ShardedTable  # noqa: E402
-from sae.hardware import HardwareConfig  # noqa: E402
-from sae.training.step import make_optimizer, optimisation_step  # noqa: E402
+from sae.saes import build_sae
+from sae.saes.topk import TopKSAEConfig
+from sae.activations.batches import BatchStream, ShardedTable
+from sae.hardware import HardwareConfig
+from sae.training.step import make_optimizer, optimisation_step
 
 D_IN, D_SAE, K, BATCH, SHARD_ROWS = 512, 16384, 32, 4096, 65536
 

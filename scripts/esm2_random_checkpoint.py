@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sae.host_models.esm2 import (  # noqa: E402
+from sae.host_models.esm2 import (
     ESM2_ARCHITECTURES, is_fair_esm_filename, random_esm2, save_fair_esm_checkpoint,
 )
 

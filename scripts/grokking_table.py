@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-from sae.config import register_configs, to_dataclass  # noqa: E402
-from sae.host_models.runs import ensure_host_run, read_summary  # noqa: E402
-from sae.hardware import apply_threads  # noqa: E402
+from sae.config import register_configs, to_dataclass
+from sae.host_models.runs import ensure_host_run, read_summary
+from sae.hardware import apply_threads
 
 
 def main(argv: list[str]) -> None:

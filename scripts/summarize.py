@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sae.analysis.sweep_summary import summarise, write_reports  # noqa: E402
+from sae.analysis.sweep_summary import summarise, write_reports
 
 
 def main(argv: list[str]) -> int:

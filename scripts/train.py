@@ -3,9 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from sae.config import register_configs  # noqa: E402
-from sae.launch import run_cli, run_job  # noqa: E402
-from sae.jobs import run_training  # noqa: E402
+from sae.config import register_configs
+from sae.launch import run_cli, run_job
+from sae.jobs import run_training
 
 register_configs()
 

@@ -7,9 +7,9 @@ curves.png into the run dir; `scripts/train.py host_model.run_dir=<that dir>` th
 import hydra
 from omegaconf import DictConfig
 
-from sae.config import register_configs  # noqa: E402
-from sae.launch import run_cli, run_job  # noqa: E402
-from sae.host_models.training import run_host_job  # noqa: E402
+from sae.config import register_configs
+from sae.launch import run_cli, run_job
+from sae.host_models.training import run_host_job
 
 register_configs()
 

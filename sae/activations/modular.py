@@ -13,6 +13,7 @@ import torch
 
 from sae.host_models.config import HostModelConfig, TokenPositions
 from sae.activations.batches import normalisation_scale
+from sae.activations.sources import capture_sources, sources_meta
 from sae.host_models.runs import HostRunError, ensure_host_run, load_host, resolve_checkpoint
 from sae.host_models.transformer import GrokTransformer, hook_name, hook_width
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset
@@ -60,11 +61,6 @@ class ActivationData:
         return self.train if split == "train" else self.test
 
 
-def sources_meta(sources) -> dict:
-    return {"sources": [{"name": s.name, "checkpoint": s.checkpoint, "layer": s.layer, "hook": s.hook}
-                        for s in sources]}
-
-
 def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) -> tuple[list[Source], Path]:
     run_dir = ensure_host_run(task, host, device)
     sources = []
@@ -86,16 +82,11 @@ def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) ->
 @torch.no_grad()
 def extract(sources: list[Source], tokens: torch.Tensor, positions: TokenPositions) -> torch.Tensor:
     """tokens: [n, seq] -> [n (x seq if positions=all), n_sources, d_in], one pass per checkpoint."""
-    by_model: dict[int, list[int]] = {}
-    for index, source in enumerate(sources):
-        by_model.setdefault(id(source.model), []).append(index)
-    columns: list[torch.Tensor | None] = [None] * len(sources)
-    for indices in by_model.values():
-        model = sources[indices[0]].model
-        chunks = [model.capture(chunk, [sources[i].hook for i in indices]) for chunk in tokens.split(EXTRACT_CHUNK)]
-        for i in indices:
-            acts = torch.cat([chunk[sources[i].hook] for chunk in chunks])  # [n, seq, d]
-            columns[i] = acts[:, -1] if positions is TokenPositions.answer else acts.flatten(0, 1)
+    chunks = [capture_sources(sources, chunk) for chunk in tokens.split(EXTRACT_CHUNK)]
+    columns = []
+    for i in range(len(sources)):
+        acts = torch.cat([chunk[i] for chunk in chunks])  # [n, seq, d]
+        columns.append(acts[:, -1] if positions is TokenPositions.answer else acts.flatten(0, 1))
     return torch.stack(columns, dim=1)
 
 

@@ -27,12 +27,12 @@ import torch
 
 from sae.errors import UserInputError
 from sae.host_models.config import ESM2HostConfig
-from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, load_fair_esm, residue_mask
+from sae.host_models.esm2 import ESM2Host, check_local_checkpoint, esm2_hook_name, load_fair_esm, residue_mask
 from sae.tasks.protein import (FastaScan, ProteinRecord, ProteinTaskConfig, in_split, read_records, scan_fasta,
                                token_batches)
 from sae.run_lock import waiting_lock
 from sae.activations.batches import ShardedTable, normalisation_scale
-from sae.activations.modular import sources_meta
+from sae.activations.sources import capture_sources, sources_meta
 from sae.atomic_io import atomic_dir, remove_stale_temps, write_json
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def load_protein_sources(host: ESM2HostConfig, device: str, dtype: torch.dtype) 
         for layer in host.layers:
             if layer > wrapped.n_layers:
                 raise UserInputError(f"host_model.layers: layer {layer} out of range [0, {wrapped.n_layers}] for {entry}")
-            sources.append(ProteinSource(f"{label}.L{layer}", entry, layer, wrapped, f"layers.{layer}.resid"))
+            sources.append(ProteinSource(f"{label}.L{layer}", entry, layer, wrapped, esm2_hook_name(layer)))
     widths = {s.model.d_model for s in sources}
     if len(widths) > 1:
         raise UserInputError(f"host_model.checkpoints: the models have different widths {sorted(widths)}; "
@@ -184,15 +184,7 @@ def residue_activations(sources: list[ProteinSource], batch: list[ProteinRecord]
     """[residues in the batch, n_sources, d_in], one forward pass per model for all its layers."""
     tokens = batch_tokens(batch, alphabet, sources[0].model)
     keep = residue_mask(tokens, alphabet)
-    by_model: dict[int, list[int]] = {}
-    for index, source in enumerate(sources):
-        by_model.setdefault(id(source.model), []).append(index)
-    columns: list[torch.Tensor | None] = [None] * len(sources)
-    for indices in by_model.values():
-        captured = sources[indices[0]].model.capture(tokens, [sources[i].layer for i in indices])
-        for i in indices:
-            columns[i] = captured[sources[i].layer][keep].float()
-    return torch.stack(columns, dim=1)
+    return torch.stack([activation[keep].float() for activation in capture_sources(sources, tokens)], dim=1)
 
 
 def batch_tokens(batch: list[ProteinRecord], alphabet, model: ESM2Host) -> torch.Tensor:

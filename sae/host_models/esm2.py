@@ -16,6 +16,8 @@ local `esm2*.pt` file with its `<stem>-contact-regression.pt` beside it.
 """
 from __future__ import annotations
 
+import re
+
 import argparse
 import contextlib
 from pathlib import Path
@@ -147,20 +149,22 @@ class ESM2Host(nn.Module):
         x = self._blocks(resid, tokens, layer, self.n_layers)
         return self.model.lm_head(self.model.emb_layer_norm_after(x))
 
-    def capture(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Residuals at several layers from one forward pass that stops at the deepest one."""
-        for layer in layers:
+    def capture(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+        """Residuals at the named hookpoints (`esm2_hook_name(L)`) from one forward pass that stops
+        at the deepest one: {hook: [B, T, E]} (the capture contract both host families share)."""
+        wanted = {layer_of_hook(hook): hook for hook in hooks}
+        for layer in wanted:
             self._check_layer(layer)
-        wanted, captured = set(layers), {}
+        captured = {}
         x = self.embed(tokens)
         if 0 in wanted:
-            captured[0] = x
+            captured[wanted[0]] = x
 
         def keep(layer: int, resid: torch.Tensor) -> None:
             if layer in wanted:
-                captured[layer] = resid
+                captured[wanted[layer]] = resid
 
-        self._blocks(x, tokens, 0, max(layers), keep)
+        self._blocks(x, tokens, 0, max(wanted), keep)
         return captured
 
     def _check_layer(self, layer: int) -> None:
@@ -204,3 +208,15 @@ def save_fair_esm_checkpoint(model: nn.Module, path: str | Path) -> Path:
     with atomic_file(path) as tmp:
         torch.save({"model": body, "cfg": {"model": cfg}}, tmp)
     return path
+
+
+def esm2_hook_name(layer: int) -> str:
+    """The hookpoint name of the residual after block `layer` (0 = the embedding)."""
+    return f"layers.{layer}.resid"
+
+
+def layer_of_hook(hook: str) -> int:
+    match = re.fullmatch(r"layers\.(\d+)\.resid", hook)
+    if match is None:
+        raise ValueError(f"not an ESM-2 hookpoint: {hook!r} (expected layers.<L>.resid)")
+    return int(match.group(1))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.activations.protein import batch_tokens
+from sae.activations.sources import capture_sources
 from sae.host_models.esm2 import residue_mask
 from sae.tasks.protein import token_batches
 
@@ -55,12 +56,8 @@ def masked_lm_metrics(sae, data, split: str) -> dict[str, float]:
         residues = residue_mask(tokens, alphabet)
         masked, chosen = bert_mask(tokens, residues, alphabet, data.task.mask_prob, generator)
         n_targets += int(chosen.sum())
-        resid = {}
-        for source in sources:  # all sources first: a crosscoder encodes them jointly
-            key = id(source.model)
-            if key not in resid:
-                resid[key] = source.model.capture(masked, sorted({s.layer for s in sources if id(s.model) == key}))
-        x = torch.stack([resid[id(s.model)][s.layer][residues].float() for s in sources], dim=1)
+        resid = capture_sources(sources, masked)  # all sources first: a crosscoder encodes them jointly
+        x = torch.stack([activation[residues].float() for activation in resid], dim=1)
         scale = data.scale[:, None]
         x_hat = sae.decode(sae.encode(x * scale)) / scale
         clean_logits = {}
@@ -68,7 +65,7 @@ def masked_lm_metrics(sae, data, split: str) -> dict[str, float]:
             model, layer = source.model, source.layer
             if id(model) not in clean_logits:
                 clean_logits[id(model)] = model.model(masked)["logits"]
-            activation = resid[id(model)][layer]
+            activation = resid[s]
             spliced, zeroed = activation.clone(), activation.clone()
             spliced[residues] = x_hat[:, s].to(activation.dtype)
             zeroed[residues] = 0.0

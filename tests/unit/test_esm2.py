@@ -49,12 +49,14 @@ def test_capture_reads_several_layers_in_one_pass(loaded):
     calls = []
     handles = [block.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, block in enumerate(host.model.layers)]
     with torch.no_grad():
-        captured = host.capture(tokens, [0, 2])
+        captured = host.capture(tokens, ["layers.0.resid", "layers.2.resid"])
     for h in handles:
         h.remove()
     assert calls == [0, 1]  # blocks after the deepest requested layer do not run
     for layer in (0, 2):
-        torch.testing.assert_close(captured[layer], host.trunk(tokens, layer))
+        torch.testing.assert_close(captured[f"layers.{layer}.resid"], host.trunk(tokens, layer))
+    with pytest.raises(ValueError, match="not an ESM-2 hookpoint: 'blocks.0.resid_post'"):
+        host.capture(tokens, ["blocks.0.resid_post"])
 
 
 def test_residue_mask_excludes_cls_eos_and_padding(loaded):
