@@ -7,9 +7,7 @@ extend them (Hydra's "structured configs" pattern: schema in a separate group, o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -82,41 +80,6 @@ def check_task_host_pair(task: Any, host: Any) -> None:
     for task_cls, host_cls, host_text in TASK_HOSTS:
         if isinstance(task, task_cls) and not isinstance(host, host_cls):
             raise ValueError(f"task={task.name} needs {host_text}, got host_model={host.name}")
-
-
-SUBDIR_MAX_CHARS = 120
-
-
-SWEEP_SYNTAX = re.compile(r"^[^=]+=(.*,.*|(range|choice|glob|interval)\(.*)$")
-
-
-def swept_keys(sweep_dir: str) -> list[str]:
-    """Keys the sweep varies: command-line overrides with sweep syntax (`a,b`, `range(...)`,
-    ...) and `hydra.sweeper.params` of presets, read from the multirun.yaml Hydra writes first."""
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return []
-    saved = OmegaConf.load(path)
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in saved.hydra.overrides.task
-            if SWEEP_SYNTAX.match(o) and not re.search(r"=\[.*\]$", o)]
-    params = OmegaConf.select(saved, "hydra.sweeper.params") or {}
-    return keys + [k for k in params if k not in keys]
-
-
-def sweep_subdir(job_num: int, overrides: list[str], sweep_dir: str) -> str:
-    """`<num>_<swept key=value,...>` for a sweep job's dir: readable (only what the sweep varies),
-    unique (the job number), and short enough for the filesystem (cut and hashed when long)."""
-    swept = set(swept_keys(sweep_dir))
-    items = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or list(overrides)
-    name = ",".join(items).replace("/", "%2F") or "defaults"
-    if len(name) > SUBDIR_MAX_CHARS:
-        name = f"{name[:SUBDIR_MAX_CHARS]}..{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return f"{int(job_num):03d}_{name}"
-
-
-# Registered at import: a SLURM job unpickles the task function, imports this module, and only
-# then resolves hydra.sweep.subdir.
-OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 
 
 class ConfigError(UserInputError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae.atomic_io import atomic_file
-from sae.config import sweep_subdir
+from sae.launch import sweep_subdir
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
 LOG_TAIL_LINES = 20
