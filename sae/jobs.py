@@ -177,6 +177,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
         progress.close()
         batches.close()
 
+    log.info(f"final evaluation: train and test {data.row_unit}, reconstructions spliced into the host ...")
     final = evaluate(sae, data)
     summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
                "sources": data.source_names, **{k: v for k, v in data.meta().items() if k != "sources"}}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sae.errors import UserInputError
 from sae.host_models.config import ESM2HostConfig
@@ -217,24 +218,31 @@ class ShardWriter:
 
 
 def write_split(sources: list[ProteinSource], task: ProteinTaskConfig, alphabet, split: str, out: Path,
-                max_rows: int) -> int:
-    """Stream the split's records through the host(s) into shards of SHARD_ROWS rows; stop at max_rows."""
+                max_rows: int, expected_rows: int | None = None) -> int:
+    """Stream the split's records through the host(s) into shards of SHARD_ROWS rows; stop at max_rows.
+    A progress bar with ETA counts residues (expected_rows: the split's residues from the FASTA scan)."""
     out.mkdir(parents=True)
     records = (r for r in read_records(task) if in_split(r, split, task))
     writer, written = ShardWriter(out), 0
-    for batch in token_batches(records, task.tokens_per_batch):
-        acts = residue_activations(sources, batch, alphabet).cpu()[: max_rows - written]
-        writer.add(acts.numpy())
-        written += len(acts)
-        if written >= max_rows:
-            break
+    total = min(max_rows, expected_rows) if expected_rows is not None else max_rows
+    with tqdm(total=total, desc=f"ESM-2 activations ({split})", unit="residue", unit_scale=True,
+              dynamic_ncols=True, mininterval=2.0) as progress:
+        for batch in token_batches(records, task.tokens_per_batch):
+            acts = residue_activations(sources, batch, alphabet).cpu()[: max_rows - written]
+            writer.add(acts.numpy())
+            written += len(acts)
+            progress.update(len(acts))
+            if written >= max_rows:
+                break
     writer.flush()
     return written
 
 
-def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, record: dict) -> None:
+def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, record: dict,
+                scan: FastaScan | None = None) -> None:
+    expected = {"train": scan.train_residues, "test": scan.test_residues} if scan is not None else {}
     with atomic_dir(cache_dir) as tmp:
-        rows = {split: write_split(sources, task, alphabet, split, tmp / split, limit)
+        rows = {split: write_split(sources, task, alphabet, split, tmp / split, limit, expected.get(split))
                 for split, limit in (("train", task.max_train_tokens), ("test", task.max_test_tokens))}
         write_json(tmp / "record.json", record)
         write_json(tmp / "rows.json", rows)
@@ -265,7 +273,7 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
         if check_cache(cache_dir, record):
             log.info("Reusing activation cache %s", cache_dir)
         else:
-            build_cache(sources, task, alphabet, cache_dir, record)
+            build_cache(sources, task, alphabet, cache_dir, record, scan)
     test = read_split(cache_dir, "test").to(device)
     if task.stream:
         table = ShardedTable(shard_paths(cache_dir, "train"))

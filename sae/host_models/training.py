@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from sae.host_models.transformer import GrokTransformer, TransformerArch
 from sae.tasks.modular import ModularDataset, ModularTaskConfig, build_dataset, vocab_size
@@ -171,6 +172,8 @@ def run_host_training(
     memorisation_step = grokking_step = None
     last_step = recipe.num_steps
     started = time.time()
+    progress = tqdm(total=recipe.num_steps, desc="host training", unit="step", disable=quiet, dynamic_ncols=True,
+                    mininterval=1.0)
     for step in range(recipe.num_steps + 1):
         in_transition = (recipe.transition_checkpoint_every is not None and memorisation_step is not None
                          and grokking_step is None and step % recipe.transition_checkpoint_every == 0)
@@ -199,6 +202,9 @@ def run_host_training(
                 checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})
         if step >= last_step:
             break
+        if is_eval:
+            progress.set_postfix_str(f"train acc {metrics['train/acc']:.3f}, test acc {metrics['test/acc']:.3f}",
+                                     refresh=False)
         rows = next(batches)
         loss = F.cross_entropy(model(train_tokens[rows], hooks), train_labels[rows])
         optimizer.zero_grad(set_to_none=True)
@@ -209,6 +215,8 @@ def run_host_training(
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         scheduler.step()
+        progress.update(1)
+    progress.close()
     summary = {
         "complete": True,
         "task": dataclasses.asdict(task),
