@@ -3,6 +3,7 @@ never an import path."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
+
+log = logging.getLogger(__name__)
 
 SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
     "vanilla": (VanillaSAEConfig, VanillaSAE),
@@ -34,9 +37,38 @@ class InvalidCheckpointError(ReportedError):
     """A checkpoint dir whose files do not match their manifest, or hold non-finite weights."""
 
 
-def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
-    """Load an SAE/crosscoder saved by training (`.../checkpoints/<name>/`) in raw activation units,
-    in inference mode (`.eval()`: each row is encoded on its own, e.g. BatchTopK by its threshold).
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A run dir's checkpoint dirs, newest first (temps start with '.', so half-written ones never match)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.glob("step_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]), reverse=True)
+
+
+def load(path: str | Path, device: str = "cpu") -> SparseCoder:
+    """Load an SAE/crosscoder saved by training in raw activation units, in inference mode
+    (`.eval()`: each row is encoded on its own, e.g. BatchTopK by its threshold). path: a checkpoint
+    dir (`.../checkpoints/<name>/`) or a run dir (its newest checkpoint that verifies; each newer one
+    skipped is named in a warning)."""
+    path = Path(path)
+    if (path / "sae.json").is_file() or not (path / "checkpoints").is_dir():
+        return load_checkpoint(path, device)
+    problems = []
+    for checkpoint in checkpoint_dirs(path):
+        try:
+            sae = load_checkpoint(checkpoint, device)
+        except (InvalidCheckpointError, FileNotFoundError) as problem:
+            problems.append(f"{checkpoint.name}: {problem}")
+            continue
+        for problem in problems:
+            log.warning("Skipping checkpoint %s", problem)
+        return sae
+    raise InvalidCheckpointError(f"{path} holds no valid checkpoint" + (f" ({'; '.join(problems)})" if problems else
+                                                                      " (its checkpoints/ dir is empty)"))
+
+
+def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
+    """Load one checkpoint dir (see `load`).
 
     The files are verified against the checkpoint's manifest.json and the weights must be finite;
     a checkpoint written before manifests existed can be adopted with
@@ -65,5 +97,5 @@ def load(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCoder:
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
-           "BatchTopKSAE", "BatchTopKSAEConfig", "TopKSAE", "TopKSAEConfig", "VanillaSAE",
+           "BatchTopKSAE", "BatchTopKSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig", "VanillaSAE",
            "VanillaSAEConfig"]

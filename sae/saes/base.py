@@ -99,8 +99,19 @@ class SparseCoder(nn.Module):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def as_sources(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [batch, n_sources, d_in]: that shape as is, [batch, d_in] for a one-source SAE; any
+        other shape is refused (no silent broadcasting)."""
+        if x.dim() == 3 and tuple(x.shape[1:]) == (self.n_sources, self.d_in):
+            return x
+        if x.dim() == 2 and self.n_sources == 1 and x.shape[1] == self.d_in:
+            return x[:, None]
+        accepted = f"[batch, {self.n_sources}, {self.d_in}]" + (f" or [batch, {self.d_in}]" if self.n_sources == 1 else "")
+        raise ValueError(f"input of shape {tuple(x.shape)}: this SAE takes {accepted}")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.pre_activations(x))
+        """x: [batch, n_sources, d_in] (or [batch, d_in], one source) -> dense codes [batch, d_sae]."""
+        return self.activation(self.pre_activations(self.as_sources(x)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [batch, d_sae] -> [batch, n_sources, d_in]."""
@@ -111,7 +122,15 @@ class SparseCoder(nn.Module):
         return self.W_dec.norm(dim=-1)
 
     def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
-        """dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
+        """x: [batch, n_sources, d_in], or [batch, d_in] for a one-source SAE (x_hat then comes back
+        2-D too). out.latents: dense codes [batch, d_sae], or on TopK's sparse path the k values per
+        row [batch, k] with out.indices [batch, k]; out.dense_latents(d_sae) gives [batch, d_sae]
+        either way. dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
+        out = self.forward_sources(self.as_sources(x), dead_latents)
+        return out._replace(x_hat=out.x_hat[:, 0]) if x.dim() == 2 else out
+
+    def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+        """The forward on x: [batch, n_sources, d_in] (architectures override this, not forward)."""
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)

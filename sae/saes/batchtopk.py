@@ -51,7 +51,7 @@ class BatchTopKSAE(TopKSAE):
             return batch_topk(pre, self.cfg.k)
         return pre * (pre > self.threshold)
 
-    def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+    def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         if self.training:

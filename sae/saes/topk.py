@@ -37,9 +37,9 @@ class TopKSAE(SparseCoder):
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+    def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
         if x.requires_grad:  # the sparse kernels treat x as data; gradients w.r.t. x need the dense path
-            return super().forward(x, dead_latents)
+            return super().forward_sources(x, dead_latents)
         batch = x.shape[0]
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         values, indices, pre_aux, layout = topk_encode(x.flatten(1), self.b_dec.flatten(), self.W_enc.flatten(1).t(),

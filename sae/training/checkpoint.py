@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sae.saes import checkpoint_dirs
 from sae.atomic_io import atomic_dir, remove_stale_temps, verify_manifest, write_manifest
 from sae.errors import ReportedError
 
@@ -44,14 +45,6 @@ def save_sae_checkpoint(run_dir: Path, step: int, sae_folded_state: dict, sae_me
         torch.save(train_state, tmp / "train_state.pt")
         write_manifest(tmp)
     return final
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Checkpoint dirs, newest first (temps start with '.', so half-written ones never match)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((d for d in root.glob("step_*") if d.is_dir()), key=lambda d: int(d.name.split("_")[1]), reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -337,3 +337,39 @@ def test_batchtopk_saves_and_loads_its_threshold(tmp_path, host_cache):
     view = source_view(loaded, 0)
     assert not view.training and view.threshold.item() == loaded.threshold.item()
     torch.testing.assert_close(view.encode(x), loaded.encode(x))  # one source: the view is the SAE
+
+
+@pytest.mark.parametrize("config", [VanillaSAEConfig(sparse_dim=16), TopKSAEConfig(sparse_dim=16, k=3)],
+                         ids=["vanilla", "topk"])
+def test_a_one_source_sae_takes_2d_input_explicitly_and_refuses_other_shapes(config):
+    torch.manual_seed(0)
+    sae = build_sae(config, 1, 8)
+    x = torch.randn(5, 8)
+    flat, shaped = sae(x), sae(x[:, None])
+    assert flat.x_hat.shape == (5, 8)
+    torch.testing.assert_close(flat.x_hat, shaped.x_hat[:, 0])
+    torch.testing.assert_close(flat.dense_latents(16), shaped.dense_latents(16))
+    torch.testing.assert_close(sae.encode(x), sae.encode(x[:, None]))
+    with pytest.raises(ValueError, match=r"input of shape \(5, 7\): this SAE takes \[batch, 1, 8\] or \[batch, 8\]"):
+        sae(torch.randn(5, 7))
+    crosscoder = build_sae(config, 2, 8)
+    with pytest.raises(ValueError, match=r"input of shape \(5, 8\): this SAE takes \[batch, 2, 8\]$"):
+        crosscoder.encode(x)
+
+
+def test_load_takes_a_run_dir_and_skips_a_newer_corrupt_checkpoint(tmp_path, host_cache, caplog):
+    from sae.saes import InvalidCheckpointError, checkpoint_dirs, load
+    from sae.jobs import run_training
+    from tests.conftest import tiny_train_config
+
+    run_training(tiny_train_config(host_cache, num_steps=30, checkpoint_every=10), tmp_path / "run")
+    newest, older = checkpoint_dirs(tmp_path / "run")[:2]
+    torch.testing.assert_close(load(tmp_path / "run").W_dec, load(newest).W_dec)
+    (newest / "sae.safetensors").write_bytes(b"not the weights")
+    with caplog.at_level("WARNING"):
+        assert torch.equal(load(tmp_path / "run").W_dec, load(older).W_dec)
+    assert f"Skipping checkpoint {newest.name}" in caplog.text
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(InvalidCheckpointError, match="holds no valid checkpoint"):
+        load(empty)
