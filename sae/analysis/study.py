@@ -344,10 +344,31 @@ def summarise(seeds: list[dict], plan: StudyPlan) -> list[dict]:
                             "control_train_auc_mean": [sum(x["train_auc"] for x in c["controls"]) / len(c["controls"])
                                                        for c in cells],
                             "none_test_auc": [s["training"]["none"]["test_auc"] for s in seeds if arm in s["training"]],
+                            **progress_columns(cells),
                             "steps_to_90": [c["arm"]["steps_to_90"] for c in cells],
                             "control_steps_to_90": [[x["steps_to_90"] for x in c["controls"]] for c in cells]})
             rows.append(row)
     return rows
+
+
+def last_progress(metrics: dict, key: str) -> float | None:
+    """`key` (e.g. test/restricted_loss) at the last step it was measured, or None (mixed hosts)."""
+    progress = metrics.get("progress") or {}
+    return progress[max(progress, key=int)][key] if progress else None
+
+
+def progress_columns(cells: list[dict]) -> dict:
+    """Restricted loss on test pairs and excluded loss on train pairs (Nanda et al.) at the end of
+    the horizon, for the arm and the mean of its controls, per seed (empty for mixed hosts)."""
+    columns = {}
+    for key, name in (("test/restricted_loss", "test_restricted_loss"), ("train/excluded_loss", "train_excluded_loss")):
+        arm = [last_progress(c["arm"], key) for c in cells]
+        if any(value is None for value in arm):
+            continue
+        columns[name] = arm
+        columns[f"control_{name}_mean"] = [sum(last_progress(x, key) for x in c["controls"]) / len(c["controls"])
+                                           for c in cells]
+    return columns
 
 
 def run_study(overrides: list[str], task: str, plan: StudyPlan, out_dir: str | Path) -> dict:
