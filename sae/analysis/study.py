@@ -494,3 +494,37 @@ def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_di
     result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "verdicts": verdicts}
     write_json(out_dir / "targeting.json", result)
     return result
+
+
+def plot_progress(seed: dict, arm: str, intervention: str, path: str | Path, title: str = "") -> Path | None:
+    """Nanda et al.'s progress measures while the host retrains (one seed): restricted loss on test
+    pairs and excluded loss on train pairs, for no intervention, the arm and its matched controls.
+    None for a host without them (mixed operations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    training = seed["training"]
+    if not training["none"].get("progress") or arm not in training:
+        return None
+    cell = training[arm][intervention]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("test/restricted_loss", "train/excluded_loss")):
+        def curve(metrics):
+            steps = sorted(metrics["progress"], key=int)
+            return [int(s) for s in steps], [metrics["progress"][s][key] for s in steps]
+
+        for i, control in enumerate(cell["controls"]):
+            ax.plot(*curve(control), color="tab:grey", linewidth=0.8, label="matched controls" if i == 0 else None)
+        ax.plot(*curve(training["none"]), "k--", label="none")
+        ax.plot(*curve(cell["arm"]), color="tab:red", linewidth=2, label=arm)
+        ax.set_xlabel("host training step")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
