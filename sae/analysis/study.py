@@ -43,7 +43,7 @@ from sae.analysis.fourier import operation_key_frequencies, progress_measures
 from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest, arm_post_specific, firing_latents,
                                    phase_accuracies)
 from sae.analysis.runs import SaeRun, load_sae_run, train_or_reuse
-from sae.analysis.steering import clamp_hook, projection_hook, source_view, steered_metrics
+from sae.analysis.steering import clamp_hook, projection_hook, source_mean, source_view, steered_metrics
 from sae.atomic_io import write_json
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def intervention_hook(run: SaeRun, latents: list[int], intervention: str, value:
     """The hook that applies an intervention through host training (at the answer position)."""
     chosen = torch.tensor(latents, dtype=torch.long)
     if intervention == "project":
-        return projection_hook(run.sae.W_dec.detach()[chosen, POST], centre=run.sae.b_dec.detach()[POST])
+        return projection_hook(run.sae.W_dec.detach()[chosen, POST], centre=source_mean(run.data, POST))
     return clamp_hook(source_view(run.sae, POST), chosen, value)
 
 
@@ -170,7 +170,9 @@ def train_with_intervention(run: SaeRun, latents: list[int], intervention: str, 
 
     spec = {"latents": latents, "intervention": intervention, "horizon": horizon, "value": plan.value,
             "frequencies": frequencies, "progress_every": plan.progress_every,
-            "forward": "answer-position"}  # the hooked host computes only the answer position in its last block
+            "forward": "answer-position"}
+    if intervention == "project":
+        spec["projection_centre"] = "source mean"  # the hooked host computes only the answer position in its last block
     history_path = run_dir / "history.jsonl"
     if (run_dir / "spec.json").is_file() and json.loads((run_dir / "spec.json").read_text()) == spec \
             and (run_dir / "summary.json").is_file():
