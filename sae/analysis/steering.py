@@ -49,8 +49,8 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
     """Answer accuracy and CE of source `source`'s host with the intervention spliced in, per split
     and per operation: {"<split>/acc", "<split>/ce", "<split>/acc_<op>", "<split>/ce_<op>"}. data: a modular
     ActivationData. intervention: "clamp" (the latents set to `value`, the SAE error kept) or
-    "project" (the span of the latents' `source` decoders projected out around the SAE's b_dec, a
-    mean ablation along them; `value` unused)."""
+    "project" (the span of the latents' `source` decoders projected out around the source's mean
+    activation over all pairs: a mean ablation along them; `value` unused)."""
     if intervention not in INTERVENTIONS:
         raise ValueError(f"intervention must be one of {list(INTERVENTIONS)}, got {intervention!r}")
     metrics = {}
@@ -60,9 +60,8 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
         raw = x / data.scale[:, None]
         if not len(latents):
             replacement = raw[:, source]
-        elif intervention == "project":  # around the SAE's decoder bias (its estimate of the mean), in raw units
-            centre = sae.b_dec.detach()[source] / data.scale[source]
-            replacement = project_out(raw[:, source], sae.W_dec.detach()[latents, source], centre)
+        elif intervention == "project":  # a mean ablation along the directions
+            replacement = project_out(raw[:, source], sae.W_dec.detach()[latents, source], source_mean(data, source))
         else:
             replacement = (clamp_replacement(sae, x, latents, value) / data.scale[:, None])[:, source]
         model, hook = data.sources[source].model, data.sources[source].hook
@@ -73,6 +72,11 @@ def steered_metrics(sae, data, latents: torch.Tensor, value: float, source: int 
             metrics[f"{split}/acc_{op.value}"] = correct[op_ids == index].mean().item()
             metrics[f"{split}/ce_{op.value}"] = losses[op_ids == index].mean().item()
     return metrics
+
+
+def source_mean(data, source: int) -> torch.Tensor:
+    """[d_in] mean raw activation of one source over every pair (train and test)."""
+    return torch.cat([data.train[:, source], data.test[:, source]]).mean(dim=0) / data.scale[source]
 
 
 def source_view(sae, source: int):

@@ -43,7 +43,7 @@ from sae.analysis.fourier import operation_key_frequencies, progress_measures
 from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest, arm_post_specific, firing_latents,
                                    phase_accuracies)
 from sae.analysis.runs import SaeRun, load_sae_run, train_or_reuse
-from sae.analysis.steering import clamp_hook, projection_hook, source_view, steered_metrics
+from sae.analysis.steering import clamp_hook, projection_hook, source_mean, source_view, steered_metrics
 from sae.atomic_io import write_json
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def intervention_hook(run: SaeRun, latents: list[int], intervention: str, value:
     """The hook that applies an intervention through host training (at the answer position)."""
     chosen = torch.tensor(latents, dtype=torch.long)
     if intervention == "project":
-        return projection_hook(run.sae.W_dec.detach()[chosen, POST], centre=run.sae.b_dec.detach()[POST])
+        return projection_hook(run.sae.W_dec.detach()[chosen, POST], centre=source_mean(run.data, POST))
     return clamp_hook(source_view(run.sae, POST), chosen, value)
 
 
@@ -170,7 +170,9 @@ def train_with_intervention(run: SaeRun, latents: list[int], intervention: str, 
 
     spec = {"latents": latents, "intervention": intervention, "horizon": horizon, "value": plan.value,
             "frequencies": frequencies, "progress_every": plan.progress_every,
-            "forward": "answer-position"}  # the hooked host computes only the answer position in its last block
+            "forward": "answer-position"}
+    if intervention == "project":
+        spec["projection_centre"] = "source mean"  # the hooked host computes only the answer position in its last block
     history_path = run_dir / "history.jsonl"
     if (run_dir / "spec.json").is_file() and json.loads((run_dir / "spec.json").read_text()) == spec \
             and (run_dir / "summary.json").is_file():
@@ -344,10 +346,31 @@ def summarise(seeds: list[dict], plan: StudyPlan) -> list[dict]:
                             "control_train_auc_mean": [sum(x["train_auc"] for x in c["controls"]) / len(c["controls"])
                                                        for c in cells],
                             "none_test_auc": [s["training"]["none"]["test_auc"] for s in seeds if arm in s["training"]],
+                            **progress_columns(cells),
                             "steps_to_90": [c["arm"]["steps_to_90"] for c in cells],
                             "control_steps_to_90": [[x["steps_to_90"] for x in c["controls"]] for c in cells]})
             rows.append(row)
     return rows
+
+
+def last_progress(metrics: dict, key: str) -> float | None:
+    """`key` (e.g. test/restricted_loss) at the last step it was measured, or None (mixed hosts)."""
+    progress = metrics.get("progress") or {}
+    return progress[max(progress, key=int)][key] if progress else None
+
+
+def progress_columns(cells: list[dict]) -> dict:
+    """Restricted loss on test pairs and excluded loss on train pairs (Nanda et al.) at the end of
+    the horizon, for the arm and the mean of its controls, per seed (empty for mixed hosts)."""
+    columns = {}
+    for key, name in (("test/restricted_loss", "test_restricted_loss"), ("train/excluded_loss", "train_excluded_loss")):
+        arm = [last_progress(c["arm"], key) for c in cells]
+        if any(value is None for value in arm):
+            continue
+        columns[name] = arm
+        columns[f"control_{name}_mean"] = [sum(last_progress(x, key) for x in c["controls"]) / len(c["controls"])
+                                           for c in cells]
+    return columns
 
 
 def run_study(overrides: list[str], task: str, plan: StudyPlan, out_dir: str | Path) -> dict:
@@ -473,3 +496,37 @@ def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_di
     result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "verdicts": verdicts}
     write_json(out_dir / "targeting.json", result)
     return result
+
+
+def plot_progress(seed: dict, arm: str, intervention: str, path: str | Path, title: str = "") -> Path | None:
+    """Nanda et al.'s progress measures while the host retrains (one seed): restricted loss on test
+    pairs and excluded loss on train pairs, for no intervention, the arm and its matched controls.
+    None for a host without them (mixed operations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    training = seed["training"]
+    if not training["none"].get("progress") or arm not in training:
+        return None
+    cell = training[arm][intervention]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("test/restricted_loss", "train/excluded_loss")):
+        def curve(metrics):
+            steps = sorted(metrics["progress"], key=int)
+            return [int(s) for s in steps], [metrics["progress"][s][key] for s in steps]
+
+        for i, control in enumerate(cell["controls"]):
+            ax.plot(*curve(control), color="tab:grey", linewidth=0.8, label="matched controls" if i == 0 else None)
+        ax.plot(*curve(training["none"]), "k--", label="none")
+        ax.plot(*curve(cell["arm"]), color="tab:red", linewidth=2, label=arm)
+        ax.set_xlabel("host training step")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

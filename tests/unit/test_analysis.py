@@ -304,8 +304,9 @@ def test_relative_norms_in_training_units_undo_the_folded_input_scale():
     torch.testing.assert_close(relative_decoder_norms(sae, input_scale=[0.5, 4.0]), r_training)
 
 
-def test_projecting_out_a_full_span_is_zero_ablation(mixed_data):
-    from sae.analysis.steering import steered_metrics
+def test_projecting_out_a_full_span_is_mean_ablation(mixed_data):
+    """Directions spanning the whole stream: every row becomes the source's mean activation."""
+    from sae.analysis.steering import source_mean, steered_metrics
     from sae.metrics.downstream import spliced_metrics
 
     d = mixed_data.train.shape[-1]
@@ -313,9 +314,10 @@ def test_projecting_out_a_full_span_is_zero_ablation(mixed_data):
     sae = build_sae(VanillaSAEConfig(sparse_dim=2 * d), 1, d)
     full = steered_metrics(sae, mixed_data, torch.arange(d), 0.0, intervention="project")  # d random decoders span R^d
     tokens, labels = mixed_data.dataset.test
+    mean = source_mean(mixed_data, 0).expand_as(mixed_data.test[:, 0])
     reference = spliced_metrics(mixed_data.sources[0].model, tokens, labels, mixed_data.sources[0].hook,
-                                mixed_data.test[:, 0], mixed_data.test[:, 0], mixed_data.positions)
-    assert full["test/acc"] == pytest.approx(reference["acc_zero"], abs=1e-6)
+                                mean, mixed_data.test[:, 0], mixed_data.positions)
+    assert full["test/acc"] == pytest.approx(reference["acc_spliced"], abs=1e-6)
     none = steered_metrics(sae, mixed_data, torch.zeros(0, dtype=torch.long), 0.0, intervention="project")
     assert none == steered_metrics(sae, mixed_data, torch.zeros(0, dtype=torch.long), 0.0)
     with pytest.raises(ValueError, match="intervention must be one of"):
