@@ -28,7 +28,7 @@ from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite
 from sae.hardware import apply_threads, check_hardware, host_dtype
 from sae.training.signals import PendingSignals, StopRequested, deferred_stop_signals
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
-from sae.training.schedules import crosses_flop_boundary, lr_at, sparsity_coef_at
+from sae.training.schedules import Schedule, crosses_flop_boundary, lr_at, sparsity_coef_at
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,41 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
 
 
-def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume from a checkpoint of a different run instead of silently mixing them."""
+def check_resumable(checkpoint: Path, cfg: TrainConfig, step: int | None = None) -> None:
+    """Refuse to resume from a checkpoint of a different run instead of silently mixing them.
+    num_steps may grow (`extension_problem` says when); step: the checkpoint's step."""
     saved = json.loads((checkpoint / "config.json").read_text())
     current = config_dict(cfg)
     for key in set(saved) | set(current):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
-            raise UserInputError(f"{checkpoint.parent.parent} holds a checkpoint of a different run ('{key}' differs: "
+        if key in RESUMABLE_CHANGES or saved.get(key) == current.get(key):
+            continue
+        if key == "num_steps":
+            problem = extension_problem(saved, cfg, step)
+            if problem is None:
+                continue
+            raise UserInputError(f"{checkpoint.parent.parent}: num_steps differs (saved {saved['num_steps']}, now "
+                                 f"{cfg.num_steps}) and {problem}; use a new output dir (hydra.run.dir=...)")
+        raise UserInputError(f"{checkpoint.parent.parent} holds a checkpoint of a different run ('{key}' differs: "
                              f"saved {saved.get(key)}, now {current.get(key)}); use a new output dir "
                              f"(hydra.run.dir=...) or the saved config")
+
+
+def extension_problem(saved: dict, cfg: TrainConfig, step: int | None) -> str | None:
+    """Why this run cannot continue to cfg.num_steps from a checkpoint at `step` of a run saved
+    with saved["num_steps"], or None. It can when the learning rate of every step does not depend
+    on num_steps (a constant schedule whose warm-up is the same for both lengths): then the
+    continued run equals a fresh run of the new length, bit for bit."""
+    old = saved["num_steps"]
+    if step is not None and cfg.num_steps < step:
+        return f"its checkpoint is at step {step}, past the new num_steps"
+    if cfg.scheduler.name is not Schedule.constant:
+        return (f"scheduler={cfg.scheduler.name.value} depends on num_steps (only scheduler=constant runs can be "
+                "extended)")
+    if cfg.scheduler.warmup_for(old) != cfg.scheduler.warmup_for(cfg.num_steps):
+        return (f"the warm-up depends on num_steps ({cfg.scheduler.warmup_for(old)} vs "
+                f"{cfg.scheduler.warmup_for(cfg.num_steps)} steps): set scheduler.warmup_steps to a fixed count "
+                "from the start to make a run extendable")
+    return None
 
 
 def flops_per_step(cfg: TrainConfig, n_sources: int, d_in: int) -> int:
@@ -82,15 +108,29 @@ def run_training(cfg: TrainConfig, run_dir: Path, on_start: Callable[[], None] |
         checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
         resume = newest_valid_checkpoint(run_dir, cfg.hardware.device.value)
         if resume is not None:
-            check_resumable(resume.checkpoint, cfg)
+            check_resumable(resume.checkpoint, cfg, resume.state["step"])
         lock.claim()
         if on_start is not None:
             on_start()
+        finished = finished_summary(run_dir, resume, cfg)
+        if finished is not None:  # a rerun of a finished run: no second eval line, no second W&B run
+            log.info("%s already finished %d steps with this config; nothing to do", run_dir, cfg.num_steps)
+            log.info("Run dir: %s", run_dir)
+            return finished
         remove_stale_checkpoint_temps(run_dir)
         for note in ineffective_settings(cfg) + (resume.skipped if resume else []):
             log.warning(note)
         with deferred_stop_signals() as pending:  # SIGTERM from here on ends the job cleanly
             return train(cfg, run_dir, checked, resume, pending)
+
+
+def finished_summary(run_dir: Path, resume: Resume | None, cfg: TrainConfig) -> dict | None:
+    """final_metrics.json when the run already ended at cfg.num_steps, else None."""
+    path = run_dir / "final_metrics.json"
+    if resume is None or resume.state["step"] != cfg.num_steps or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("step") == cfg.num_steps else None
 
 
 def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pending: PendingSignals) -> dict:
@@ -163,7 +203,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")
-            if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            if step % cfg.eval_every == 0 and step != cfg.num_steps:  # the last step's eval is the final one
                 tracker.log(evaluate(sae, data), step)
             on_schedule = crosses_flop_boundary(flops - step_flops, flops)
             periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0

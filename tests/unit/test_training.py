@@ -16,6 +16,7 @@ from sae.saes.vanilla import VanillaSAEConfig
 from sae.activations.modular import load_activation_data
 from sae.training.checkpoint import latest_checkpoint
 from sae.jobs import run_training
+from sae.training.schedules import Schedule, SchedulerConfig
 from tests.conftest import tiny_host, tiny_train_config
 
 
@@ -209,3 +210,45 @@ def test_dead_latent_state_round_trips_and_old_checkpoints_rebuild_the_set():
     assert old.dead.tolist() == [1, 3]
     old.load({"tokens_since_fired": torch.zeros(5, dtype=torch.long), "any_dead": False})
     assert old.dead is None
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_finished_constant_lr_run_extends_bit_identically_to_a_fresh_longer_run(tmp_path, host_cache):
+    from sae.training.checkpoint import load_train_state
+
+    run_training(tiny_train_config(host_cache, num_steps=30), tmp_path / "extended")
+    run_training(tiny_train_config(host_cache, num_steps=60), tmp_path / "extended")
+    run_training(tiny_train_config(host_cache, num_steps=60), tmp_path / "fresh")
+    extended, fresh = (load_train_state(latest_checkpoint(tmp_path / name), "cpu") for name in ("extended", "fresh"))
+    assert extended["step"] == fresh["step"] == 60
+    for name, tensor in fresh["sae"].items():
+        assert torch.equal(extended["sae"][name], tensor), name
+    evals = [(line["step"]) for line in metrics_lines(tmp_path / "extended") if "eval/test/fvu" in line]
+    assert evals == [20, 30, 40, 60]  # 30 was the first run's final eval; no step evaluated twice
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(scheduler=SchedulerConfig(name=Schedule.cosine, warmup_steps=5)), "scheduler=cosine depends on num_steps"),
+    (dict(scheduler=SchedulerConfig(warmup_steps=None)), "the warm-up depends on num_steps"),
+])
+def test_extending_is_refused_in_one_line_when_the_schedule_depends_on_num_steps(tmp_path, host_cache, change, message):
+    run_training(tiny_train_config(host_cache, num_steps=30, **change), tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"num_steps differs \\(saved 30, now 60\\) and {message}") as error:
+        run_training(tiny_train_config(host_cache, num_steps=60, **change), tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_rerunning_a_finished_run_writes_nothing(tmp_path, host_cache):
+    from sae.tracking import TrackingConfig, WandbMode
+
+    cfg = tiny_train_config(host_cache, num_steps=20, tracking=TrackingConfig(mode=WandbMode.offline))
+    first = run_training(cfg, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert run_training(cfg, tmp_path / "run") == first
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
