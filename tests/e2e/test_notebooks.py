@@ -72,4 +72,4 @@ def test_every_notebook_executes_on_its_small_profile(tmp_path):
     assert pre["train_acc"] >= 0.99 and post["test_acc"] >= 0.99 and pre["step"] < post["step"]
     assert {row["arm"] for row in addition["summary"]} == {"post_specific", "generalisation_effect", "largest"}
     mixed = json.loads((tmp_path / "cc_first-mixed" / "results.json").read_text())
-    assert set(mixed["verdicts"]) == {"addition/clamp", "multiplication/clamp"}
+    assert set(mixed["verdicts"]) == {"addition/clamp", "subtraction/clamp"}
