@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=compat  # a .pth path entry: Hydra finds hydra_plugins/
 	touch $@
 
 # Train an SAE on a grokked host (the host is trained once and cached under outputs/hosts/).
@@ -47,7 +47,7 @@ notebooks-full: $(VENV)/.installed
 
 # SAELens and EleutherAI sparsify as benchmark columns: installs the [compare] extra, then its tests.
 $(VENV)/.compare: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,compare]"
+	$(PY) -m pip install -q -e ".[dev,compare]" --config-settings editable_mode=compat
 	touch $@
 
 test-compare: $(VENV)/.compare
