@@ -50,31 +50,52 @@ def execute(name: str, profile: str, out: Path, threads: int, timeout: int) -> t
     return name, time.time() - started, error
 
 
-def results_table(out: Path, names: list[str]) -> str:
-    """Markdown table of the cc_first study notebooks' training-time rows (experimental/README)."""
-    def spread(values):
-        values = [v for v in values if v is not None]
-        return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
+def spread(values) -> str:
+    """mean [min, max] over seeds."""
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
 
-    header = ("| task | arm | seeds | test AUC, arm | test AUC, matched controls | test AUC, none | train AUC, arm "
-              "| train AUC, controls | combined p | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
+
+def results_table(out: Path, names: list[str]) -> str:
+    """Markdown tables of the cc_first study notebooks (experimental/README): training-time clamps,
+    evaluation-time clamps and projections, and the per-operation targeting of the mixed host."""
+    training, evaluation, targeting = [], [], []
     for name in names:
         path = out / name / "results.json"
-        if not name.startswith("cc_first") or not path.is_file() or "summary" not in json.loads(path.read_text()):
+        if not name.startswith("cc_first") or not path.is_file():
             continue
         r = json.loads(path.read_text())
-        for row in r["summary"]:
-            if row["when"] != "training":
-                continue
+        for key, row in r.get("verdicts", {}).items():  # cc_first-mixed
+            targeting.append(f"| {key.split('/')[0]} | {spread(row['index'])} | {spread(row['control_index_mean'])} | "
+                             f"{', '.join(f'{p:.2f}' for p in row['p_values'])} | {row['combined_p']:.3f} | "
+                             f"{row['verdict']} |")
+        for row in r.get("summary", []):
+            arm = f"{row['arm']} ({row['intervention']})"
             if not row["seeds"]:
-                rows.append(f"| {r['task']} | {row['arm']} | 0 | no latents | | | | | | {row['verdict']} |")
-                continue
-            rows.append(f"| {r['task']} | {row['arm']} ({row['intervention']}) | {row['seeds']} | {spread(row['test_auc'])} | "
-                        f"{spread(row['control_test_auc_mean'])} | {spread(row['none_test_auc'])} | "
-                        f"{spread(row['train_auc'])} | {spread(row['control_train_auc_mean'])} | "
-                        f"{row['combined_p']:.3f} | {row['verdict']} |")
-    return header + "\n".join(rows) if rows else ""
+                training.append(f"| {r['task']} | {row['arm']} | 0 | no latents in any seed | | | | | | {row['verdict']} |")
+            elif row["when"] == "training":
+                training.append(f"| {r['task']} | {arm} | {row['seeds']} | {spread(row['test_auc'])} | "
+                                f"{spread(row['control_test_auc_mean'])} | {spread(row['none_test_auc'])} | "
+                                f"{spread(row['train_auc'])} | {spread(row['control_train_auc_mean'])} | "
+                                f"{row['combined_p']:.3f} | {row['verdict']} |")
+            else:
+                evaluation.append(f"| {r['task']} | {arm} | {row['seeds']} | {spread(row['test_acc'])} | "
+                                  f"{spread(row['control_test_acc_mean'])} | {spread(row['train_acc'])} | "
+                                  f"{spread(row['control_train_acc_mean'])} | "
+                                  f"{', '.join(f'{p:.2f}' for p in row['p_values'])} | {row['combined_p']:.2g} |")
+    tables = []
+    if training:
+        tables.append("| task | arm | seeds | test AUC, arm | test AUC, matched controls | test AUC, none | train AUC, arm "
+                      "| train AUC, controls | combined p | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n"
+                      + "\n".join(training))
+    if evaluation:
+        tables.append("| task | arm | seeds | test acc, arm | test acc, matched controls (mean) | train acc, arm | "
+                      "train acc, controls | p per seed | combined p |\n|---|---|---|---|---|---|---|---|---|\n"
+                      + "\n".join(evaluation))
+    if targeting:
+        tables.append("| arm chosen for | targeting index, arm | targeting index, matched controls | p per seed | "
+                      "combined p | verdict |\n|---|---|---|---|---|---|\n" + "\n".join(targeting))
+    return "\n\n".join(tables)
 
 
 def main() -> int:
