@@ -20,8 +20,8 @@ excluded loss (Nanda et al.) at fixed steps.
 Decision rule, stated before the runs, per arm and intervention (training-time):
 - confirmed: in every seed the arm's test AUC is below every matched control's, it is below
   arm (c)'s (the largest latents), and its train loss over the horizon is no higher than the
-  highest control's (it does not just break the host); with 5 controls x 3 seeds, chance alone
-  gives this with p = (1/6)^3 ~ 0.005;
+  highest control's (it does not just break the host), and the combined p is < 0.05 (with 5
+  controls x 3 seeds, being below all of them everywhere has p = (1/6)^3 ~ 0.005);
 - refuted: the exact combination of the per-seed empirical p-values (`combined_p`) is >= 0.05
   (the arm sits inside its control distribution);
 - otherwise inconclusive; an arm with no latents in any seed is reported as "no latents".
@@ -306,7 +306,7 @@ def verdict(seeds: list[dict], arm: str, intervention: str) -> dict:
         train_ok.append(row["arm"]["train_loss"] <= max(c["train_loss"] for c in row["controls"]))
     combined = combined_p(p_values, counts)
     complete = len(rows) == len(seeds)
-    if complete and all(below_all) and all(below_largest) and all(train_ok):
+    if complete and all(below_all) and all(below_largest) and all(train_ok) and combined < SIGNIFICANCE:
         outcome = "confirmed"
     elif combined >= SIGNIFICANCE:
         outcome = "refuted"
@@ -479,7 +479,8 @@ def targeting_seed(overrides: list[str], seed: int, plan: StudyPlan, out_dir: Pa
 
 def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_dir: str | Path) -> dict:
     """All seeds of the per-operation targeting study, with per target the rule's verdict:
-    targeted if in every seed the arm's targeting index is above all its matched controls';
+    targeted if in every seed the arm's targeting index is above all its matched controls' and the
+    combined p < 0.05;
     not targeted if the combined p (`combined_p`) >= 0.05; otherwise inconclusive. Writes out_dir/targeting.json."""
     out_dir = Path(out_dir)
     seeds = [targeting_seed(overrides, seed, plan, out_dir, task) for seed in plan.seeds]
@@ -491,7 +492,7 @@ def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_di
         verdicts[key] = {"index": [c["index"] for c in cells],
                          "control_index_mean": [sum(c["control_indices"]) / len(c["control_indices"]) for c in cells],
                          "p_values": [c["p_value"] for c in cells], "combined_p": combined,
-                         "verdict": "targeted" if all(above_all) else
+                         "verdict": "targeted" if all(above_all) and combined < SIGNIFICANCE else
                                     "not targeted" if combined >= SIGNIFICANCE else "inconclusive"}
     result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "verdicts": verdicts}
     write_json(out_dir / "targeting.json", result)

@@ -63,6 +63,9 @@ def test_the_decision_rule_on_built_outcomes():
     assert result["verdict"] == "refuted" and result["p_values"] == [pytest.approx(4 / 6)] * 3  # 0.8, 0.81, 0.82 at least as low
     assert verdict(below_everything, "generalisation_effect", "clamp")["combined_p"] == pytest.approx(1 / 216)
     assert verdict([{"training": {}}] * 3, "post_specific", "clamp")["verdict"] == "no latents"
+    one_seed_one_control = [{"training": {"generalisation_effect": {"clamp": cell(0.5, [0.8])},
+                                          "largest": {"clamp": cell(0.75, [0.8])}}}]
+    assert verdict(one_seed_one_control, "generalisation_effect", "clamp")["verdict"] == "refuted"  # p = 1/2
 
 
 def test_horizon_history_metrics_and_targeting_index():
