@@ -4,7 +4,8 @@
     python scripts/benchmark.py --sizes 128,2048,16 --tokens 2e6 --impls topk,dense_topk
 
 Data: synthetic activations with a known dictionary in superposition (Sharkey et al. 2022):
-n_true = sparse_dim x --true-features (default 1) random unit features in d_in dimensions, each token a sum of k/2 of them
+n_true = sparse_dim x --true-features (default 1) random unit features in d_in dimensions, each token
+a sum of k/2 of them
 (chosen uniformly) with magnitudes U(0, 1), plus 1% Gaussian noise, scaled so E||x||^2 = d_in.
 Every implementation trains on the same tokens, one pass, with the same recipe as scripts/train.py
 (fused AdamW, gradient clipping at 1.0, lr, batch).
@@ -41,7 +42,8 @@ from sae.training.schedules import sparsity_coef_at
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
-VANILLA_COEF = 1.0  # L1 coefficient for this data (sae=vanilla defaults to 5 on host activations); not tuned to TopK's L0
+# L1 coefficient for this data (sae=vanilla defaults to 5 on host activations); not tuned to TopK's L0
+VANILLA_COEF = 1.0
 WARMUP_STEPS = 3
 SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
@@ -141,7 +143,8 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
     elif case.impl == "batchtopk":
         cfg = BatchTopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
     else:
-        cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef, sparsity_warmup_steps=n_steps // 10)
+        cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef,
+                               sparsity_warmup_steps=n_steps // 10)
     return build_sae(cfg, 1, case.d_in)
 
 
@@ -205,7 +208,8 @@ def run_case(case: Case) -> dict:
                 segments.append(now - started)
             started = now
         batch = train[step * case.batch:(step + 1) * case.batch, None]
-        coef = sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps) if case.impl == "vanilla" else 0.0
+        coef = (sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps)
+                if case.impl == "vanilla" else 0.0)
         out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
         dead.update(out, case.batch, step + 1)
     if device.type == "cuda":
@@ -273,7 +277,8 @@ def table(results: list[dict]) -> str:
         ratio = f"{r['tokens_per_s'] / dense[size]:.2f}x" if size in dense else "-"
         lines.append(f"| {size} | {r['impl']} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{r['floor_tokens_per_s']:,.0f} ({r['gemm_gflops']:.0f}) | {r['peak_memory_gib']:.2f} | "
-                     f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | {r['mean_max_cos']:.3f} | {r['recovered']:.1%} |")
+                     f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | {r['mean_max_cos']:.3f} | "
+                     f"{r['recovered']:.1%} |")
     return "\n".join(lines)
 
 
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="SAE training speed and quality, ours vs a dense TopK reference")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES), help="d_in,d_sae,k ...")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
-                        help=f"some of {', '.join(IMPLEMENTATIONS + EXTERNAL)} (the last two need pip install -e '.[compare]')")
+                        help=f"some of {', '.join(IMPLEMENTATIONS + EXTERNAL)} "
+                             "(the last two need pip install -e '.[compare]')")
     parser.add_argument("--tokens", type=float, default=2**19, help="training tokens per run (one pass)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -95,7 +95,8 @@ def one_line(error: BaseException) -> str:
     while error is not None:
         text, options = str(error), _available_options(str(error))
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        full_key = full_key or next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+        full_key = full_key or next((line.split(":", 1)[1].strip() for line in lines
+                                     if line.startswith("full_key:")), None)
         essential = [line for line in lines if line not in options and not NOISE.match(line)]
         if essential:
             texts.append(essential[0].removeprefix("In 'config': ").rstrip("."))

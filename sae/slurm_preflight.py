@@ -19,7 +19,8 @@ def preflight_problem(partition: str | None) -> str | None:
                 "Run on a SLURM login node, start the local cluster (make slurm-up), or sweep locally "
                 "with hardware=submitit_local or hardware=cpu")
     if partition:
-        result = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True,
+                                timeout=30)
         if result.returncode != 0:
             slurm_says = (result.stderr or result.stdout).strip().splitlines()
             return (f"SLURM rejects partition '{partition}' ({slurm_says[0] if slurm_says else 'no message'}); "

@@ -68,10 +68,11 @@ def main() -> None:
     print("| layer | fair-esm forward (residues/s) | our trunk (residues/s) | overhead |")
     print("| --- | --- | --- | --- |")
     for layer in (int(x) for x in args.layers.split(",")):
+        hook = esm2_hook_name(layer)
         with torch.no_grad():
             seconds = timed_passes({
                 "fair-esm": lambda t: model(t, repr_layers=[layer])["representations"][layer],
-                "ours": lambda t: host.capture(t, [esm2_hook_name(layer)])[esm2_hook_name(layer)][residue_mask(t, alphabet)],
+                "ours": lambda t: host.capture(t, [hook])[hook][residue_mask(t, alphabet)],
             }, batches, args.repeats)
         theirs, ours = seconds["fair-esm"], seconds["ours"]
         overhead = ours / theirs - 1

@@ -72,7 +72,8 @@ def results_table(out: Path, names: list[str]) -> str:
         for row in r.get("summary", []):
             arm = f"{row['arm']} ({row['intervention']})"
             if not row["seeds"]:
-                training.append(f"| {r['task']} | {row['arm']} | 0 | no latents in any seed | | | | | | {row['verdict']} |")
+                training.append(f"| {r['task']} | {row['arm']} | 0 | no latents in any seed | | | | | | "
+                                f"{row['verdict']} |")
             elif row["when"] == "training":
                 training.append(f"| {r['task']} | {arm} | {row['seeds']} | {spread(row['test_auc'])} | "
                                 f"{spread(row['control_test_auc_mean'])} | {spread(row['none_test_auc'])} | "
@@ -85,7 +86,8 @@ def results_table(out: Path, names: list[str]) -> str:
                                   f"{', '.join(f'{p:.2f}' for p in row['p_values'])} | {row['combined_p']:.2g} |")
     tables = []
     if training:
-        tables.append("| task | arm | seeds | test AUC, arm | test AUC, matched controls | test AUC, none | train AUC, arm "
+        tables.append("| task | arm | seeds | test AUC, arm | test AUC, matched controls | test AUC, none | "
+                      "train AUC, arm "
                       "| train AUC, controls | combined p | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n"
                       + "\n".join(training))
     if evaluation:

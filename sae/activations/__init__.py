@@ -45,7 +45,8 @@ def _modular() -> Family:
     from sae.host_models.runs import check_host_inputs
 
     return Family(lambda task, host, device, dtype: check_host_inputs(task, host),
-                  lambda task, host, normalize, device, dtype, checked: load_activation_data(task, host, normalize, device))
+                  lambda task, host, normalize, device, dtype, checked:
+                  load_activation_data(task, host, normalize, device))
 
 
 def _protein() -> Family:

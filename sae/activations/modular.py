@@ -71,7 +71,8 @@ def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) ->
             if layer >= model.arch.n_layers:
                 raise HostRunError(f"host_model.layers: layer {layer} out of range for {path} "
                                    f"(n_layers={model.arch.n_layers})")
-            sources.append(Source(f"{label}.L{layer}", label, layer, model, hook_name(layer, host.hookpoint.value), record))
+            hook = hook_name(layer, host.hookpoint.value)
+            sources.append(Source(f"{label}.L{layer}", label, layer, model, hook, record))
     widths = {hook_width(s.model.arch, host.hookpoint.value) for s in sources}
     if len(widths) > 1:
         raise HostRunError(f"host_model.checkpoints: the sources have different widths {sorted(widths)}; "
@@ -90,7 +91,8 @@ def extract(sources: list[Source], tokens: torch.Tensor, positions: TokenPositio
     return torch.stack(columns, dim=1)
 
 
-def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normalize: bool, device: str) -> ActivationData:
+def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normalize: bool,
+                         device: str) -> ActivationData:
     sources, run_dir = load_sources(task, host, device)
     dataset = build_dataset(task)
     dataset.tokens, dataset.labels = dataset.tokens.to(device), dataset.labels.to(device)

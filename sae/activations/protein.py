@@ -122,7 +122,8 @@ def load_protein_sources(host: ESM2HostConfig, device: str, dtype: torch.dtype) 
         labels.append(label)
         for layer in host.layers:
             if layer > wrapped.n_layers:
-                raise UserInputError(f"host_model.layers: layer {layer} out of range [0, {wrapped.n_layers}] for {entry}")
+                raise UserInputError(f"host_model.layers: layer {layer} out of range [0, {wrapped.n_layers}] "
+                                     f"for {entry}")
             sources.append(ProteinSource(f"{label}.L{layer}", entry, layer, wrapped, esm2_hook_name(layer)))
     widths = {s.model.d_model for s in sources}
     if len(widths) > 1:

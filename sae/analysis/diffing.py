@@ -112,7 +112,8 @@ def exclusivity_check(l1_sae, topk_sae, pre_source: int = 0, post_source: int = 
     the given latents of each (e.g. those that fire: a dead latent's r means nothing); all by default.
     *_scale: each checkpoint's input_scale, for r in training units."""
     report = {}
-    for name, sae, latents, scale in (("l1", l1_sae, l1_latents, l1_scale), ("topk", topk_sae, topk_latents, topk_scale)):
+    for name, sae, latents, scale in (("l1", l1_sae, l1_latents, l1_scale),
+                                      ("topk", topk_sae, topk_latents, topk_scale)):
         r = relative_decoder_norms(sae, pre_source, post_source, scale)
         r = r if latents is None else r[latents]
         for group, indices in split_latents(r).items():

@@ -110,7 +110,8 @@ def operation_key_frequencies(W_E: torch.Tensor, operation: str, min_share: floa
     return key_frequencies(group_ordered_embedding(W_E, operation), min_share)
 
 
-def key_frequency_basis(a: torch.Tensor, b: torch.Tensor, p: int, frequencies: list[int], operation: str) -> torch.Tensor:
+def key_frequency_basis(a: torch.Tensor, b: torch.Tensor, p: int, frequencies: list[int],
+                        operation: str) -> torch.Tensor:
     """[n * p, 2 |K|] orthonormal basis of the key-frequency components over the grid of the n
     pairs (a, b) x the p answers c (row index pair * p + c); zero where a, b or c is outside the
     operation's group."""

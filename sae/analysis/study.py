@@ -328,8 +328,10 @@ def summarise(seeds: list[dict], plan: StudyPlan) -> list[dict]:
                              "train_acc": [c["arm"]["train/acc"] for c in cells],
                              "control_test_acc_mean": [sum(c["controls"]) / len(c["controls"]) for c in cells],
                              "control_test_acc_min": [min(c["controls"]) for c in cells],
-                             "control_train_acc_mean": [sum(c["controls_train"]) / len(c["controls_train"]) for c in cells],
-                             "none_test_acc": [s["evaluation"]["none"]["test/acc"] for s in seeds if arm in s["evaluation"]],
+                             "control_train_acc_mean": [sum(c["controls_train"]) / len(c["controls_train"])
+                                                        for c in cells],
+                             "none_test_acc": [s["evaluation"]["none"]["test/acc"] for s in seeds
+                                               if arm in s["evaluation"]],
                              "p_values": [c["p_value"] for c in cells],
                              "combined_p": combined_p([c["p_value"] for c in cells],
                                                       [len(c["controls"]) for c in cells])})
@@ -395,7 +397,8 @@ def format_summary(rows: list[dict]) -> str:
     for row in rows:
         head = f"{row['when']:>10} {row['arm']:>21} {row['intervention']:>7} (n={row['seeds']})"
         if row["when"] == "evaluation":
-            lines.append(f"{head}: test acc {spread(row['test_acc'])} vs matched {spread(row['control_test_acc_mean'])}, "
+            lines.append(f"{head}: test acc {spread(row['test_acc'])} "
+                         f"vs matched {spread(row['control_test_acc_mean'])}, "
                          f"train acc {spread(row['train_acc'])}, p {['%.2f' % p for p in row['p_values']]}")
         elif row["seeds"]:
             lines.append(f"{head}: test AUC {spread(row['test_auc'])} vs matched {spread(row['control_test_auc_mean'])}"
@@ -421,7 +424,8 @@ def plot_training_effects(seeds: list[dict], arm: str, intervention: str, path: 
         for i, control in enumerate(curves.get(f"{arm}-{intervention}-controls", [])):
             ax.plot(*zip(*control), color="tab:grey", linewidth=0.8, label="matched controls" if i == 0 else None)
         if f"{arm}-{intervention}" in curves:
-            ax.plot(*zip(*curves[f"{arm}-{intervention}"]), color="tab:red", linewidth=2, label=f"{arm} ({intervention})")
+            ax.plot(*zip(*curves[f"{arm}-{intervention}"]), color="tab:red", linewidth=2,
+                    label=f"{arm} ({intervention})")
         ax.set_title(f"seed {seed['seed']}")
         ax.set_xlabel("host training step")
         ax.set_ylim(0, 1.02)

@@ -97,7 +97,8 @@ def planned_jobs(sweep_dir: Path) -> list[tuple[str, list[str]]]:
 def summarise(sweep_dir: Path) -> list[JobResult]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir} is not a directory: pass a sweep dir such as outputs/sweeps/<date>/<time>")
+        raise FileNotFoundError(f"{sweep_dir} is not a directory: pass a sweep dir such as "
+                                "outputs/sweeps/<date>/<time>")
     found = {str(d.relative_to(sweep_dir)): d for d in find_job_dirs(sweep_dir)}
     jobs = []
     for name, overrides in planned_jobs(sweep_dir):
@@ -115,7 +116,8 @@ def summarise(sweep_dir: Path) -> list[JobResult]:
 
 def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
-    paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md", "frontier": sweep_dir / "frontier.png"}
+    paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md",
+             "frontier": sweep_dir / "frontier.png"}
     swept = varying_keys(jobs)
     header = ["job", "status", "sae_type", *swept, *METRIC_COLUMNS, "error"]
     rows = [[j.name.split("_", 1)[0], j.status, j.sae_type or "", *[override_value(j, k) for k in swept],

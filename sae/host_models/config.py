@@ -53,9 +53,11 @@ class HostModelConfig:
             if getattr(self, key) <= 0:
                 raise ValueError(f"host_model.{key} must be > 0, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"host_model.d_model={self.d_model} must be divisible by host_model.n_heads={self.n_heads}")
+            raise ValueError(f"host_model.d_model={self.d_model} must be divisible by "
+                             f"host_model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"host_model.n_heads={self.n_heads} must be divisible by host_model.kv_heads={self.kv_heads}")
+            raise ValueError(f"host_model.n_heads={self.n_heads} must be divisible by "
+                             f"host_model.kv_heads={self.kv_heads}")
         if self.positional is Positions.rotary and (self.d_model // self.n_heads) % 2:
             raise ValueError("host_model.positional=rotary needs an even head dimension (d_model / n_heads)")
         if self.checkpoint is not None:

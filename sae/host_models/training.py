@@ -158,7 +158,8 @@ def run_host_training(
     torch.manual_seed(recipe.seed)
     data = build_dataset(task)
     model = build_host(task, arch_keys).to(device)
-    data = dataclasses.replace(data, **{f: getattr(data, f).to(device) for f in ("tokens", "labels", "op_ids", "is_train")})
+    data = dataclasses.replace(data, **{f: getattr(data, f).to(device)
+                                        for f in ("tokens", "labels", "op_ids", "is_train")})
     train_tokens, train_labels = data.train
     write_json(run_dir / "arch.json", dataclasses.asdict(model.arch))
     optimizer = torch.optim.AdamW(
@@ -194,7 +195,8 @@ def run_host_training(
                 if recipe.steps_after_grok is not None:
                     last_step = min(recipe.num_steps, step + recipe.steps_after_grok)
             if not quiet and (event or step % (recipe.eval_every * 50) == 0):
-                log.info(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  test acc {metrics['test/acc']:.3f}  "
+                log.info(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  "
+                         f"test acc {metrics['test/acc']:.3f}  "
                       f"({time.time() - started:.0f}s)")
             if step in save_at or event or in_transition or step >= last_step:
                 name = f"step_{step:07d}.safetensors"

@@ -157,7 +157,8 @@ class GrokTransformer(nn.Module):
         super().__init__()
         self.arch = arch
         self.embed = nn.Embedding(arch.vocab_size, arch.d_model)
-        self.pos_embed = nn.Parameter(torch.zeros(arch.seq_len, arch.d_model)) if arch.positions is Positions.learned else None
+        learned = arch.positions is Positions.learned
+        self.pos_embed = nn.Parameter(torch.zeros(arch.seq_len, arch.d_model)) if learned else None
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.n_layers))
         self.norm_final = _make_norm(arch.norm, arch.d_model)
         self.unembed = nn.Linear(arch.d_model, arch.n_outputs, bias=False)

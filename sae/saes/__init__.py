@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from sae.atomic_io import MANIFEST, verify_manifest
 from sae.errors import ReportedError
-from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
+from sae.saes.base import WEIGHTS_FORMAT, SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
@@ -84,18 +84,20 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCo
             " (written before checkpoints carried manifests? adopt it with sae.atomic_io.write_manifest)"
             if problem == f"no {MANIFEST}" else ""))
     info = json.loads(meta.read_text())
+    if info.get("weights_format", 1) != WEIGHTS_FORMAT:
+        raise InvalidCheckpointError(f"checkpoint {checkpoint_dir}: weights_format {info.get('weights_format', 1)} "
+                                     f"(an early layout) is not read any more; retrain it with scripts/train.py")
     config_cls, _ = SAE_TYPES[info["sae"]["type"]]
     sae = build_sae(config_cls(**info["sae"]), info["n_sources"], info["d_in"])
     state = load_file(str(weights), device=device)
     bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise InvalidCheckpointError(f"checkpoint {checkpoint_dir}: non-finite values in {', '.join(bad)}")
-    if info.get("weights_format", 1) == 1:  # W_enc was [n_sources, d_in, d_sae]
-        state["W_enc"] = state["W_enc"].permute(2, 0, 1).contiguous()
     sae.load_state_dict(state)
     return sae.to(device).eval()  # inference mode: BatchTopK's threshold, not a ranking over the batch given
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
-           "BatchTopKSAE", "BatchTopKSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig", "VanillaSAE",
+           "BatchTopKSAE", "BatchTopKSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
+           "VanillaSAE",
            "VanillaSAEConfig"]

@@ -33,7 +33,8 @@ class SAEConfig:
         own_type = next(f.default for f in fields(self) if f.name == "type")
         if self.type != own_type:  # the class decides the architecture; `type` only names it in files
             raise ValueError(f"sae.type is set by the sae group, not overridden: this is a {own_type} config "
-                             f"(sae={own_type}), got sae.type={self.type}; choose another architecture with sae={self.type}")
+                             f"(sae={own_type}), got sae.type={self.type}; "
+                             f"choose another architecture with sae={self.type}")
         if self.sparse_dim <= 0:
             raise ValueError(f"sae.sparse_dim must be > 0, got {self.sparse_dim}")
         if self.sparsity_coef < 0:
@@ -46,7 +47,7 @@ class SAEConfig:
             raise ValueError(f"sae.init_decoder_norm must be > 0, got {self.init_decoder_norm}")
 
 
-WEIGHTS_FORMAT = 2  # 2: W_enc [d_sae, n_sources, d_in]; 1 (session-1 checkpoints): [n_sources, d_in, d_sae]
+WEIGHTS_FORMAT = 2  # W_enc [d_sae, n_sources, d_in] (format 1, [n_sources, d_in, d_sae], is refused on load)
 
 
 class SAEOutput(NamedTuple):
@@ -106,7 +107,8 @@ class SparseCoder(nn.Module):
             return x
         if x.dim() == 2 and self.n_sources == 1 and x.shape[1] == self.d_in:
             return x[:, None]
-        accepted = f"[batch, {self.n_sources}, {self.d_in}]" + (f" or [batch, {self.d_in}]" if self.n_sources == 1 else "")
+        accepted = f"[batch, {self.n_sources}, {self.d_in}]"
+        accepted += f" or [batch, {self.d_in}]" if self.n_sources == 1 else ""
         raise ValueError(f"input of shape {tuple(x.shape)}: this SAE takes {accepted}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

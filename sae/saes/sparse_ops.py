@@ -100,7 +100,8 @@ class _TopKEncode(torch.autograd.Function):
 
 
 def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                aux_columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ActiveLayout]:
+                aux_columns: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ActiveLayout]:
     """(values [B, k], indices [B, k], pre-activations of aux_columns [B, n_aux], active layout)."""
     if aux_columns is None:
         aux_columns = torch.zeros(0, dtype=torch.long, device=x.device)

@@ -28,7 +28,6 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
-from omegaconf import MISSING
 
 from sae.atomic_io import file_sha256
 from sae.errors import UserInputError
@@ -53,7 +52,7 @@ class ProteinTaskConfig:
     """`task=protein_mlm`: masked-LM activations of an ESM-2 host on a FASTA file."""
 
     name: str = "protein_mlm"
-    fasta: str = MISSING
+    fasta: str = ""  # required: task.fasta=path/to/seqs.fasta (plain or .gz)
     max_length: int = 1022  # residues per record (ESM-2's context is 1024 tokens incl. cls, eos)
     tokens_per_batch: int = 8192  # padded tokens per forward pass
     test_fraction: float = 0.1  # records held out (by a hash of their id); 0 = evaluate on the training records
@@ -69,6 +68,9 @@ class ProteinTaskConfig:
     stream: bool = False
 
     def __post_init__(self) -> None:
+        if not self.fasta:
+            raise ValueError("task.fasta is required for task=protein_mlm: task.fasta=path/to/seqs.fasta "
+                             "(plain or gzipped)")
         for key in ("max_length", "tokens_per_batch", "max_train_tokens", "max_test_tokens", "eval_sequences"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")

@@ -139,7 +139,7 @@ def test_unknown_option_lists_the_available_ones():
     (["batch_size=0"], "batch_size must be > 0"),
     (["sae=topk", "sae.type=vanilla"], "sae.type is set by the sae group, not overridden: this is a topk config"),
     (["task.train_fraction=1.5"], "task.train_fraction must be in (0, 1)"),
-    (["task=protein_mlm", "host_model=esm2_t6_8M"], "Missing mandatory value: task.fasta"),
+    (["task=protein_mlm", "host_model=esm2_t6_8M"], "task.fasta is required for task=protein_mlm: task.fasta=path"),
     (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "host_model.layers=[7]"],
      "host_model.layers: layer 7 out of range [0, 6] for esm2_t6_8M_UR50D"),
     (["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "host_model.checkpoints=[model.bin]"],

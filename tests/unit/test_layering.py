@@ -80,3 +80,12 @@ def test_no_import_cycles_between_modules():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_lines_stay_readable():
+    """No line of the package, the scripts or the launcher plugin is wider than 120 characters."""
+    root = PACKAGE.parent
+    wide = [f"{path.relative_to(root)}:{number}" for folder in ("sae", "scripts", "hydra_plugins")
+            for path in sorted((root / folder).rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert wide == []

@@ -230,7 +230,7 @@ def test_inputs_that_need_gradients_take_the_dense_path():
     assert out.indices is None and x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_session_one_checkpoints_with_the_old_encoder_layout_still_load(tmp_path):
+def test_an_unverified_checkpoint_must_be_adopted_and_the_early_layout_is_refused(tmp_path):
     import json
 
     from safetensors.torch import save_file
@@ -239,15 +239,17 @@ def test_session_one_checkpoints_with_the_old_encoder_layout_still_load(tmp_path
     from sae.saes import InvalidCheckpointError, load
 
     sae = random_sae(TopKSAEConfig(sparse_dim=8, k=2), n_sources=2, d_in=3)
-    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    state["W_enc"] = state["W_enc"].permute(1, 2, 0).contiguous()  # format 1: [n_sources, d_in, d_sae]
-    save_file(state, str(tmp_path / "sae.safetensors"))
-    (tmp_path / "sae.json").write_text(json.dumps({"sae": {"type": "topk", "sparse_dim": 8, "k": 2},
-                                                   "n_sources": 2, "d_in": 3}))
+    save_file({k: v.detach().clone() for k, v in sae.state_dict().items()}, str(tmp_path / "sae.safetensors"))
+    meta = {"sae": {"type": "topk", "sparse_dim": 8, "k": 2}, "n_sources": 2, "d_in": 3}
+    (tmp_path / "sae.json").write_text(json.dumps({**meta, "weights_format": 2}))
     with pytest.raises(InvalidCheckpointError, match="no manifest.json .*adopt it with sae.atomic_io.write_manifest"):
         load(tmp_path)  # unverifiable until the user adopts it
     write_manifest(tmp_path)
     assert torch.equal(load(tmp_path).W_enc, sae.W_enc)
+    (tmp_path / "sae.json").write_text(json.dumps(meta))  # no weights_format: the first sessions' layout
+    write_manifest(tmp_path)
+    with pytest.raises(InvalidCheckpointError, match="weights_format 1 \\(an early layout\\) is not read any more"):
+        load(tmp_path)
 
 
 def test_sparse_topk_under_bfloat16_autocast_gives_float32_gradients_close_to_float32():
