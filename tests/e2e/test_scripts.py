@@ -29,6 +29,8 @@ def test_train_script_end_to_end(tmp_path):
     assert summary["step"] == 30 and summary["eval/test/l0"] <= 8
     assert (run_dir / "checkpoints" / "step_0000030" / "sae.safetensors").is_file()
     assert list((run_dir / "wandb").glob("offline-run-*"))  # offline W&B by default
+    log = (run_dir / "train.log").read_text()  # Hydra's log holds what the run said
+    assert "loss recovered" in log and f"Run dir: {run_dir}" in log
     hosts = list((tmp_path / "outputs" / "hosts").iterdir())
     assert len(hosts) == 1 and (hosts[0] / "summary.json").is_file() and (hosts[0] / "curves.png").is_file()
 
