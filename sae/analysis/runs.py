@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae.config import config_from_dict
+from hydra import compose, initialize_config_dir
+
+from sae.config import config_from_dict, register_configs, to_dataclass
 from sae.errors import UserInputError
 from sae.saes import SparseCoder, load
 from sae.activations.modular import ActivationData, load_activation_data
 from sae.training.checkpoint import latest_checkpoint
+from sae.jobs import check_resumable, run_training
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_COMMAND = "python scripts/train.py"
@@ -28,10 +31,6 @@ class RunDirError(UserInputError):
 
 def compose_train_config(overrides: list[str]):
     """The TrainConfig that `python scripts/train.py <overrides>` would run, checked the same way."""
-    from hydra import compose, initialize_config_dir
-
-    from sae.config import register_configs, to_dataclass
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_dataclass(compose(config_name="config", overrides=list(overrides)))
@@ -40,8 +39,6 @@ def compose_train_config(overrides: list[str]):
 def train_or_reuse(overrides: list[str], run_dir: str | Path) -> Path:
     """Train `scripts/train.py <overrides>` into run_dir, or reuse it if it already finished with this
     config (an unfinished one resumes; one with another config is refused by the resume check)."""
-    from sae.jobs import check_resumable, run_training
-
     run_dir = Path(run_dir)
     cfg = compose_train_config(overrides)
     finished = run_dir / "final_metrics.json"

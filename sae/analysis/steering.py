@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from sae.metrics.downstream import answer_losses
+from sae.host_models.training import run_host_training
+from sae.saes import build_sae
+from sae.tracking.base import NullTracker
 
 
 def clamp_shift(sae, x: torch.Tensor, latents: torch.Tensor, value: float) -> torch.Tensor:
@@ -85,8 +88,6 @@ def source_view(sae, source: int):
     host that has one stream: latents owned by that source (relative decoder norm near 1 for it)
     are encoded almost as in the crosscoder; shared latents lose the other source's input. Buffers
     (BatchTopK's threshold) and the train/eval mode are the crosscoder's."""
-    from sae.saes import build_sae
-
     if not 0 <= source < sae.n_sources:
         raise ValueError(f"source must be in [0, {sae.n_sources}), got {source}")
     view = build_sae(sae.cfg, 1, sae.d_in).to(sae.W_dec.device)
@@ -124,9 +125,6 @@ def train_host_with_clamp(task, arch_keys: dict, recipe, run_dir, sae, hook: str
                           value: float, device: str = "cpu") -> dict:
     """Train a host from scratch with `latents` clamped at `hook` throughout; returns its summary
     (memorisation / grokking steps, curves). Compare with the same call on random_control latents."""
-    from sae.tracking.base import NullTracker
-    from sae.host_models.training import run_host_training
-
     hooks = {hook: clamp_hook(sae.to(device), latents.to(device), value)}
     return run_host_training(task, arch_keys, recipe, run_dir, NullTracker(), device=device, quiet=True, hooks=hooks)
 

@@ -45,6 +45,9 @@ from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest,
 from sae.analysis.runs import SaeRun, load_sae_run, train_or_reuse
 from sae.analysis.steering import clamp_hook, projection_hook, source_mean, source_view, steered_metrics
 from sae.atomic_io import write_json
+from sae.host_models.training import run_host_training
+from sae.tasks.modular import build_dataset
+from sae.tracking.base import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +167,6 @@ def train_with_intervention(run: SaeRun, latents: list[int], intervention: str, 
     """Retrain the host from its own initialisation and data order for `horizon` steps with the
     intervention at every step; returns its evaluation history (with restricted/excluded loss every
     plan.progress_every steps when frequencies are given). Reused when run_dir already holds it."""
-    from sae.tracking.base import NullTracker
-    from sae.host_models.training import run_host_training
-    from sae.tasks.modular import build_dataset
-
     spec = {"latents": latents, "intervention": intervention, "horizon": horizon, "value": plan.value,
             "frequencies": frequencies, "progress_every": plan.progress_every,
             "forward": "answer-position"}
