@@ -45,6 +45,7 @@ from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest,
 from sae.analysis.runs import SaeRun, load_sae_run, train_or_reuse
 from sae.analysis.steering import clamp_hook, projection_hook, source_mean, source_view, steered_metrics
 from sae.atomic_io import write_json
+from sae.host_models.runs import NeverGrokkedError
 from sae.host_models.training import run_host_training
 from sae.tasks.modular import build_dataset
 from sae.tracking.base import NullTracker
@@ -61,6 +62,7 @@ class StudyPlan:
     """How much of the study to run (the notebooks' small profile shrinks it to CI size)."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_seeds: int | None = None  # stop once this many seeds' hosts grokked (None: every seed in `seeds`)
     n_latents: int = 8
     evaluation_controls: int = 100
     training_controls: int = 5
@@ -374,11 +376,30 @@ def progress_columns(cells: list[dict]) -> dict:
     return columns
 
 
+def grokked_seeds(study_one, plan: StudyPlan) -> tuple[list[dict], list[dict]]:
+    """study_one(seed) over plan.seeds in order until plan.n_seeds hosts grokked: (results, skipped),
+    a seed whose host never grokked (no pre/post checkpoints) skipped with its reason."""
+    results, skipped = [], []
+    for seed in plan.seeds:
+        if plan.n_seeds is not None and len(results) >= plan.n_seeds:
+            break
+        try:
+            results.append(study_one(seed))
+        except NeverGrokkedError as error:
+            log.warning(f"seed {seed} skipped: {error}")
+            skipped.append({"seed": seed, "reason": str(error)})
+    if not results or (plan.n_seeds is not None and len(results) < plan.n_seeds):
+        raise NeverGrokkedError(f"only {len(results)} of seeds {plan.seeds} grokked; skipped: "
+                                + "; ".join(f"seed {s['seed']}" for s in skipped) + " (add seeds to the plan)")
+    return results, skipped
+
+
 def run_study(overrides: list[str], task: str, plan: StudyPlan, out_dir: str | Path) -> dict:
     """All seeds of one operation's study, its summary rows, written to out_dir/study.json."""
     out_dir = Path(out_dir)
-    seeds = [study_seed(overrides, seed, plan, out_dir, task) for seed in plan.seeds]
-    result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "summary": summarise(seeds, plan)}
+    seeds, skipped = grokked_seeds(lambda seed: study_seed(overrides, seed, plan, out_dir, task), plan)
+    result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "skipped_seeds": skipped,
+              "summary": summarise(seeds, plan)}
     write_json(out_dir / "study.json", result)
     return result
 
@@ -486,7 +507,7 @@ def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_di
     combined p < 0.05;
     not targeted if the combined p (`combined_p`) >= 0.05; otherwise inconclusive. Writes out_dir/targeting.json."""
     out_dir = Path(out_dir)
-    seeds = [targeting_seed(overrides, seed, plan, out_dir, task) for seed in plan.seeds]
+    seeds, skipped = grokked_seeds(lambda seed: targeting_seed(overrides, seed, plan, out_dir, task), plan)
     verdicts = {}
     for key in seeds[0]["targeting"]:
         cells = [s["targeting"][key] for s in seeds]
@@ -497,7 +518,8 @@ def run_targeting_study(overrides: list[str], task: str, plan: StudyPlan, out_di
                          "p_values": [c["p_value"] for c in cells], "combined_p": combined,
                          "verdict": "targeted" if all(above_all) and combined < SIGNIFICANCE else
                                     "not targeted" if combined >= SIGNIFICANCE else "inconclusive"}
-    result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "verdicts": verdicts}
+    result = {"task": task, "plan": dataclasses.asdict(plan), "seeds": seeds, "skipped_seeds": skipped,
+              "verdicts": verdicts}
     write_json(out_dir / "targeting.json", result)
     return result
 

@@ -41,6 +41,10 @@ class HostRunError(UserInputError):
     """A host run or checkpoint the config points at is missing or does not fit."""
 
 
+class NeverGrokkedError(HostRunError):
+    """pre_grok / post_grok asked of a host that never reached 99% test accuracy."""
+
+
 # Recipe keys added after hosts were first cached: left out of the hash while unset (they change
 # nothing then), so hosts trained before they existed keep their cache dir.
 LATER_RECIPE_KEYS = ("grad_clip", "transition_checkpoint_every")
@@ -139,7 +143,7 @@ def _select(summary: dict, records: list[dict], selector: str, run_dir: Path) ->
                            f"saved steps: {[r['step'] for r in records]}")
     grok = summary["grokking_step"]
     if grok is None:
-        raise HostRunError(f"host_model.checkpoints={selector}: the host in {run_dir} never grokked "
+        raise NeverGrokkedError(f"host_model.checkpoints={selector}: the host in {run_dir} never grokked "
                            f"(test acc < 99% after {summary['final_step']} steps): train it longer")
     if selector == "post_grok":
         return next(r for r in records if r["step"] >= grok)

@@ -128,3 +128,19 @@ def test_per_operation_targeting_runs_on_a_tiny_mixed_host(tmp_path, tiny_overri
     row = study["seeds"][0]["targeting"]["addition/clamp"]
     assert len(row["control_indices"]) == 2 and set(row["test_auc"]) == {"addition", "multiplication"}
     assert study["verdicts"]["addition/clamp"]["verdict"] in ("targeted", "not targeted", "inconclusive")
+
+
+def test_seeds_whose_host_never_grokked_are_skipped_and_named_until_enough_grokked():
+    from sae.analysis.study import grokked_seeds
+    from sae.host_models.runs import NeverGrokkedError
+
+    def study_one(seed):
+        if seed == 2:
+            raise NeverGrokkedError("host_model.checkpoints=pre_grok: the host in X never grokked")
+        return {"seed": seed}
+
+    results, skipped = grokked_seeds(study_one, StudyPlan(seeds=[0, 1, 2, 3, 4], n_seeds=3))
+    assert [r["seed"] for r in results] == [0, 1, 3]
+    assert skipped == [{"seed": 2, "reason": "host_model.checkpoints=pre_grok: the host in X never grokked"}]
+    with pytest.raises(NeverGrokkedError, match=r"only 2 of seeds \[0, 1, 2\] grokked; skipped: seed 2"):
+        grokked_seeds(study_one, StudyPlan(seeds=[0, 1, 2], n_seeds=3))
