@@ -126,21 +126,25 @@ def matched_draws(run: SaeRun, latents: list[int], count: int) -> list[list[int]
     return [matched_control(frequency, contribution, chosen, pool, seed=draw).tolist() for draw in range(count)]
 
 
+def arms_with_draws(run: SaeRun, arms: dict[str, dict], count: int):
+    """(arm, its latents, `count` matched control draws) for each arm that selected any latents."""
+    for arm, record in arms.items():
+        if record["latents"]:
+            yield arm, record["latents"], matched_draws(run, record["latents"], count)
+
+
 def evaluation_effects(run: SaeRun, arms: dict[str, dict], plan: StudyPlan) -> dict:
     """{arm: {intervention: {"arm": metrics, "controls": [test acc...], "controls_train": [...],
     "p_value": one-sided empirical p of the arm's test accuracy among the controls}}}."""
     none = steered_metrics(run.sae, run.data, torch.zeros(0, dtype=torch.long), plan.value, source=POST)
     results = {"none": none}
-    for arm, record in arms.items():
-        if not record["latents"]:
-            continue
-        draws = matched_draws(run, record["latents"], plan.evaluation_controls)
+    for arm, chosen, draws in arms_with_draws(run, arms, plan.evaluation_controls):
         results[arm] = {}
         for intervention in plan.evaluation_interventions:
             def measure(latents):
                 return steered_metrics(run.sae, run.data, torch.tensor(latents, dtype=torch.long), plan.value,
                                        source=POST, intervention=intervention)
-            observed = measure(record["latents"])
+            observed = measure(chosen)
             controls = [measure(draw) for draw in draws]
             test = [c["test/acc"] for c in controls]
             results[arm][intervention] = {
@@ -238,16 +242,13 @@ def training_effects(run: SaeRun, arms: dict[str, dict], plan: StudyPlan, out_di
 
     none, none_curve = train([], "clamp", "none")
     results = {"horizon": horizon, "frequencies": frequencies, "none": none, "curves": {"none": none_curve}}
-    for arm, record in arms.items():
-        if not record["latents"]:
-            continue
-        draws = matched_draws(run, record["latents"], plan.training_controls)
+    for arm, chosen, draws in arms_with_draws(run, arms, plan.training_controls):
         results[arm] = {}
         for intervention in plan.training_interventions:
-            observed, curve = train(record["latents"], intervention, f"{arm}-{intervention}")
+            observed, curve = train(chosen, intervention, f"{arm}-{intervention}")
             controls = [train(draw, intervention, f"{arm}-{intervention}-control{i}") for i, draw in enumerate(draws)]
             results[arm][intervention] = {"arm": observed, "controls": [c[0] for c in controls],
-                                          "latents": record["latents"], "control_latents": draws}
+                                          "latents": chosen, "control_latents": draws}
             results["curves"][f"{arm}-{intervention}"] = curve
             results["curves"][f"{arm}-{intervention}-controls"] = [c[1] for c in controls]
     return results
