@@ -19,6 +19,8 @@ from sae.atomic_io import atomic_file
 from sae.launch import sweep_subdir
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
+# the reconstruction spliced into the host, on test pairs, averaged over the sources
+DOWNSTREAM_COLUMNS = ["loss_recovered", "acc_spliced"]
 LOG_TAIL_LINES = 20
 ERROR_CHARS = 160  # of a job's one-line error in the table (summary.md has it whole)
 
@@ -119,9 +121,12 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md",
              "frontier": sweep_dir / "frontier.png"}
     swept = varying_keys(jobs)
-    header = ["job", "status", "sae_type", *swept, *METRIC_COLUMNS, "error"]
-    rows = [[j.name.split("_", 1)[0], j.status, j.sae_type or "", *[override_value(j, k) for k in swept],
-             *[j.metrics.get(c, "") for c in METRIC_COLUMNS], j.error[:ERROR_CHARS].replace("|", "/")] for j in jobs]
+    type_column = [] if "sae" in swept else ["sae_type"]  # a swept `sae` already names the type
+    header = ["job", "status", *type_column, *swept, *METRIC_COLUMNS, *DOWNSTREAM_COLUMNS, "error"]
+    rows = [[j.name.split("_", 1)[0], j.status, *([j.sae_type or ""] if type_column else []),
+             *[override_value(j, k) for k in swept], *[j.metrics.get(c, "") for c in METRIC_COLUMNS],
+             *[downstream_value(j.metrics, c) for c in DOWNSTREAM_COLUMNS], j.error[:ERROR_CHARS].replace("|", "/")]
+            for j in jobs]
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -135,11 +140,18 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     with atomic_file(paths["markdown"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     if any(j.status == "completed" and j.sae_type for j in jobs):
-        plot_frontier(jobs, paths["frontier"])
+        plot_frontier(jobs, paths["frontier"], [k for k in swept if k != "sae"])
     else:  # never an empty plot; never a stale one from an earlier summary either
         paths["frontier"].unlink(missing_ok=True)
         del paths["frontier"]
     return paths
+
+
+def downstream_value(metrics: dict, name: str) -> float | str:
+    """Mean over sources of eval/test/<source>/<name>; "" when the run has none (e.g. not finished)."""
+    values = [v for k, v in metrics.items() if k.startswith("eval/test/") and k.count("/") == 3
+              and k.endswith(f"/{name}")]
+    return sum(values) / len(values) if values else ""
 
 
 def override_value(job: JobResult, key: str) -> str:
@@ -170,7 +182,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_frontier(jobs: list[JobResult], path: Path) -> None:
+def plot_frontier(jobs: list[JobResult], path: Path, label_keys: list[str] = ()) -> None:
+    """FVU vs L0 per SAE type; each point labelled with its values of label_keys (what was swept)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,9 +192,13 @@ def plot_frontier(jobs: list[JobResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     types = sorted({j.sae_type for j in jobs if j.status == "completed" and j.sae_type})
     for sae_type in types:
-        points = [(j.metrics["eval/test/l0"], j.metrics["eval/test/fvu"]) for j in jobs
-                  if j.status == "completed" and j.sae_type == sae_type]
+        done = [j for j in jobs if j.status == "completed" and j.sae_type == sae_type]
+        points = [(j.metrics["eval/test/l0"], j.metrics["eval/test/fvu"]) for j in done]
         ax.scatter(*zip(*points), label=sae_type, alpha=0.7)
+        for job, point in zip(done, points):
+            label = ", ".join(f"{key.split('.')[-1]}={override_value(job, key)}" for key in label_keys)
+            if label:
+                ax.annotate(label, point, fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.plot(*zip(*pareto_front(points)), linestyle="--")
     ax.set_xlabel("L0 (test pairs)")
     ax.set_ylabel("FVU (test pairs)")

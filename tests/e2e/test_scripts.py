@@ -127,6 +127,12 @@ def test_local_multirun_without_slurm_and_its_summary(tmp_path, hardware):
                              capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0 and "2/2 jobs completed" in summary.stdout
     assert "| sae |" in summary.stdout.splitlines()[0].replace(" sae_type |", "")
+    header, *rows = [line.split(",") for line in (sweep_dir / "summary.csv").read_text().splitlines()]
+    assert "sae_type" not in header  # the swept `sae` column names the type already
+    for row, job in zip(rows, jobs):  # the reconstruction spliced into the host (one source: its own value)
+        final = json.loads((job / "final_metrics.json").read_text())
+        for column in ("loss_recovered", "acc_spliced"):
+            assert float(row[header.index(column)]) == pytest.approx(final[f"eval/test/final.L0/{column}"])
 
 
 def test_summarize_refuses_a_dir_that_is_not_a_sweep(tmp_path):
