@@ -163,8 +163,7 @@ class JobRecords:
             write_json(self.output_dir / "job.json", {**self.record, "status": status,
                                                       **({"error": error} if error else {})})
         except (OSError, ReportedError) as failure:  # a full disk must not hide the job's own error
-            print(f"Warning: could not record status {status} in {self.output_dir / 'job.json'}: {failure}",
-                  file=sys.stderr)
+            log.warning(f"could not record status {status} in {self.output_dir / 'job.json'}: {failure}")
 
     def refused(self, error: str, is_sweep_job: bool) -> None:
         """A job stopped before start(): leave an existing dir untouched; a new sweep job dir gets a

@@ -65,17 +65,25 @@ def arm_generalisation_effect(run: SaeRun, n: int = 8, value: float = 0.0, pool:
     it raises train CE: effect = (test CE - clean test CE) - (train CE - clean train CE).
     pool: the latents to score (default: those firing on held-out pairs). operation: score on that
     operation's pairs only (a mixed host; per-operation targeting). {"latents", "effect"}."""
+    return arms_by_generalisation_effect(run, [operation], n, value, pool)[operation]
+
+
+def arms_by_generalisation_effect(run: SaeRun, operations: list[str | None], n: int = 8, value: float = 0.0,
+                                  pool: torch.Tensor | None = None) -> dict:
+    """`arm_generalisation_effect` for several operations (None: all pairs) from one clamp of each
+    latent: {operation: {"latents", "effect"}}."""
     view_pool = test_firing(run) if pool is None else pool
-    suffix = "" if operation is None else f"_{operation}"
-    test_ce, train_ce = f"test/ce{suffix}", f"train/ce{suffix}"
     clean = steered_metrics(run.sae, run.data, torch.zeros(0, dtype=torch.long), value, source=POST)
-    effects = []
-    for latent in view_pool.tolist():
-        steered = steered_metrics(run.sae, run.data, torch.tensor([latent]), value, source=POST)
-        effects.append((steered[test_ce] - clean[test_ce]) - (steered[train_ce] - clean[train_ce]))
-    effects = torch.tensor(effects)
-    order = effects.argsort(descending=True, stable=True)[:n]
-    return {"latents": view_pool[order], "effect": effects[order].tolist()}
+    steered = [steered_metrics(run.sae, run.data, torch.tensor([latent]), value, source=POST)
+               for latent in view_pool.tolist()]
+    arms = {}
+    for operation in operations:
+        suffix = "" if operation is None else f"_{operation}"
+        test_ce, train_ce = f"test/ce{suffix}", f"train/ce{suffix}"
+        effects = torch.tensor([(m[test_ce] - clean[test_ce]) - (m[train_ce] - clean[train_ce]) for m in steered])
+        order = effects.argsort(descending=True, stable=True)[:n]
+        arms[operation] = {"latents": view_pool[order], "effect": effects[order].tolist()}
+    return arms
 
 
 def arm_largest(run: SaeRun, n: int = 8) -> dict:

@@ -40,8 +40,8 @@ import torch
 
 from sae.analysis.controls import accuracy_auc, empirical_p_value, latent_statistics, matched_control, steps_to
 from sae.analysis.fourier import operation_key_frequencies, progress_measures
-from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest, arm_post_specific, firing_latents,
-                                   phase_accuracies)
+from sae.analysis.grokking import (POST, arm_generalisation_effect, arm_largest, arm_post_specific,
+                                   arms_by_generalisation_effect, phase_accuracies)
 from sae.analysis.runs import SaeRun, load_sae_run, train_or_reuse
 from sae.analysis.steering import clamp_hook, projection_hook, source_mean, source_view, steered_metrics
 from sae.atomic_io import write_json
@@ -118,19 +118,16 @@ def view_agreement(run: SaeRun, latents: torch.Tensor) -> float | None:
     return (crosscoder & view).sum().item() / union if union else None
 
 
-def matched_draws(run: SaeRun, latents: list[int], count: int) -> list[list[int]]:
-    """`count` control sets, each matched latent by latent on firing frequency and contribution."""
-    frequency, contribution = latent_statistics(run.sae, torch.cat([run.data.train, run.data.test]), POST)
-    pool = firing_latents(run)
-    chosen = torch.tensor(latents, dtype=torch.long)
-    return [matched_control(frequency, contribution, chosen, pool, seed=draw).tolist() for draw in range(count)]
-
-
 def arms_with_draws(run: SaeRun, arms: dict[str, dict], count: int):
-    """(arm, its latents, `count` matched control draws) for each arm that selected any latents."""
+    """(arm, its latents, `count` control sets matched latent by latent on firing frequency and
+    contribution, drawn among the latents that fire) for each arm that selected any latents."""
+    frequency, contribution = latent_statistics(run.sae, torch.cat([run.data.train, run.data.test]), POST)
+    pool = torch.where(frequency > 0)[0]  # the latents that fire on some pair
     for arm, record in arms.items():
         if record["latents"]:
-            yield arm, record["latents"], matched_draws(run, record["latents"], count)
+            chosen = torch.tensor(record["latents"], dtype=torch.long)
+            yield arm, record["latents"], [matched_control(frequency, contribution, chosen, pool, seed=draw).tolist()
+                                           for draw in range(count)]
 
 
 def evaluation_effects(run: SaeRun, arms: dict[str, dict], plan: StudyPlan) -> dict:
@@ -480,9 +477,8 @@ def targeting_seed(overrides: list[str], seed: int, plan: StudyPlan, out_dir: Pa
     ops = [op.value for op in run.config.task.operations]
     if len(ops) < 2:
         raise ValueError(f"per-operation targeting needs a host trained on >= 2 operations, got {ops}")
-    arms = {op: {k: (v.tolist() if isinstance(v, torch.Tensor) else v)
-                 for k, v in arm_generalisation_effect(run, plan.n_latents, plan.value, operation=op).items()}
-            for op in ops}
+    arms = {op: {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+            for op, record in arms_by_generalisation_effect(run, ops, plan.n_latents, plan.value).items()}
     training = training_effects(run, arms, plan, seed_dir / "retrained")
     rows = {}
     for op in ops:
