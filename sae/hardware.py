@@ -23,16 +23,38 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Parallel(str, Enum):
+    data = "data"  # each process a slice of every batch, gradients averaged (DDP)
+    latents = "latents"  # each process a slice of the dictionary's latents, global TopK across them
+
+
+class Backend(str, Enum):
+    gloo = "gloo"
+    nccl = "nccl"
+
+
 @dataclass
 class HardwareConfig:
     device: Device = Device.cpu
     dtype: DType = DType.float32  # autocast dtype for the SAE forward; weights stay float32
     compile: bool = False  # torch.compile the SAE forward
     threads: Optional[int] = None  # torch intra-op threads; null = SLURM_CPUS_PER_TASK or all cores
+    # A run launched as several processes (torchrun, or a SLURM job of several tasks):
+    parallel: Parallel = Parallel.data
+    backend: Optional[Backend] = None  # torch.distributed backend; null = gloo on CPU, nccl on CUDA
+    rendezvous_timeout_s: int = 300  # every rank must join within this
+    collective_timeout_s: int = 1800  # a collective waiting longer (a hung rank) fails the run
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"hardware.threads must be > 0 or null, got {self.threads}")
+        for key in ("rendezvous_timeout_s", "collective_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"hardware.{key} must be > 0, got {getattr(self, key)}")
+
+    @property
+    def dist_backend(self) -> Backend:
+        return self.backend or (Backend.nccl if self.device is Device.cuda else Backend.gloo)
 
 
 def check_hardware(cfg: HardwareConfig) -> None:
@@ -42,6 +64,9 @@ def check_hardware(cfg: HardwareConfig) -> None:
                          "use hardware=cpu or install a CUDA build of torch")
     if cfg.device is Device.cpu and cfg.dtype is DType.float16:
         raise UserInputError("hardware.dtype=float16 is not supported on CPU, expected one of [float32, bfloat16]")
+    if cfg.device is Device.cpu and cfg.backend is Backend.nccl:
+        raise UserInputError("hardware.backend=nccl needs CUDA but hardware.device=cpu; use hardware.backend=gloo "
+                             "(or null: gloo on CPU, nccl on CUDA)")
 
 
 def apply_threads(cfg: HardwareConfig) -> int:

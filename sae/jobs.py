@@ -1,6 +1,7 @@
 """The SAE/crosscoder training loop: setup, resume, steps, logging, eval, checkpoints, in that order."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,15 +19,19 @@ from sae.config import TrainConfig, config_dict
 from sae.errors import ReportedError, UserInputError
 from sae.metrics.evaluate import evaluate, headline
 from sae.saes import build_sae
-from sae.saes.base import WEIGHTS_FORMAT, SparseCoder
+from sae.saes.base import WEIGHTS_FORMAT, SparseCoder, total_variance
 from sae.activations import Activations, check_inputs, load_activations
 from sae.run_lock import exclusive_dir
-from sae.tracking import check_tracking, make_tracker, truncate_jsonl
+from sae.tracking import NullTracker, check_tracking, make_tracker, truncate_jsonl
 from sae.activations.batches import BatchStream, ShardedTable, column_mean
 from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite_tensor,
                                      remove_stale_checkpoint_temps, save_sae_checkpoint)
-from sae.hardware import apply_threads, check_hardware, host_dtype
-from sae.training.signals import PendingSignals, StopRequested, deferred_stop_signals
+from sae.hardware import apply_threads, host_dtype
+from sae.parallel import batch_part, check_parallel, split_axes, spread
+from sae.parallel.group import joined
+from sae.parallel.latents import full_optimizer_state, full_sae_state, local_optimizer_state, local_sae_state
+from sae.training.signals import STOP_SIGNALS, PendingSignals, StopRequested, deferred_stop_signals
+from sae.world import LOCAL, Collective, launched_world
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import Schedule, crosses_flop_boundary, lr_at, sparsity_coef_at
 
@@ -100,16 +105,29 @@ def ineffective_settings(cfg: TrainConfig) -> list[str]:
 def run_training(cfg: TrainConfig, run_dir: Path, on_start: Callable[[], None] | None = None) -> dict:
     """Train in `run_dir`, resuming from its newest valid checkpoint. Everything that can refuse
     the run (a second process in the dir, bad input, a checkpoint of another config) happens
-    before anything is written; then `on_start` runs (the scripts record the job there)."""
-    run_dir = Path(run_dir)
-    with exclusive_dir(run_dir) as lock:
-        check_hardware(cfg.hardware)
-        check_tracking(cfg.tracking)
-        checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
-        resume = newest_valid_checkpoint(run_dir, cfg.hardware.device.value)
-        if resume is not None:
-            check_resumable(resume.checkpoint, cfg, resume.state["step"])
-        lock.claim()
+    before anything is written; then `on_start` runs (the scripts record the job there).
+
+    Launched as several processes (torchrun, a SLURM job of several tasks) they join one process
+    group first; rank 0 takes the run dir and does the checks, and tells the others the outcome."""
+    world = launched_world()
+    check_parallel(cfg.hardware, world, cfg.batch_size, cfg.sae.sparse_dim, cfg.sae.type)
+    with joined(cfg.hardware, world) as group:
+        run_dir = Path(group.broadcast_object(str(run_dir)))  # torchrun ranks may have composed other timestamps
+        if world.is_main:
+            return run_as_main(cfg, run_dir, on_start, group)
+        return run_as_follower(cfg, run_dir, group)
+
+
+def run_as_main(cfg: TrainConfig, run_dir: Path, on_start, group: Collective) -> dict:
+    with contextlib.ExitStack() as held:
+        try:
+            lock = held.enter_context(exclusive_dir(run_dir))
+            checked, resume = checked_start(cfg, run_dir)
+            lock.claim()
+        except ReportedError as refusal:
+            group.broadcast_object(str(refusal))  # the other ranks stop with the same line
+            raise
+        group.broadcast_object(None)
         if on_start is not None:
             on_start()
         finished = finished_summary(run_dir, resume, cfg)
@@ -121,7 +139,34 @@ def run_training(cfg: TrainConfig, run_dir: Path, on_start: Callable[[], None] |
         for note in ineffective_settings(cfg) + (resume.skipped if resume else []):
             log.warning(note)
         with deferred_stop_signals() as pending:  # SIGTERM from here on ends the job cleanly
-            return train(cfg, run_dir, checked, resume, pending)
+            return train(cfg, run_dir, checked, resume, pending, group)
+
+
+class RefusedByMainRank(ReportedError):
+    """Rank 0 refused the run; the other ranks stop with its reason."""
+
+
+def run_as_follower(cfg: TrainConfig, run_dir: Path, group: Collective) -> dict:
+    """A rank other than 0: reads what rank 0 checked, writes nothing."""
+    refusal = group.broadcast_object(None)
+    if refusal is not None:
+        raise RefusedByMainRank(refusal)
+    checked, resume = checked_start(cfg, run_dir)
+    finished = finished_summary(run_dir, resume, cfg)
+    if finished is not None:
+        return finished
+    with deferred_stop_signals() as pending:
+        return train(cfg, run_dir, checked, resume, pending, group)
+
+
+def checked_start(cfg: TrainConfig, run_dir: Path):
+    """The read-only checks of a start: (checked inputs, the checkpoint to resume or None)."""
+    check_tracking(cfg.tracking)
+    checked = check_inputs(cfg.task, cfg.host_model, cfg.hardware.device.value, host_dtype(cfg.hardware))
+    resume = newest_valid_checkpoint(run_dir, cfg.hardware.device.value)
+    if resume is not None:
+        check_resumable(resume.checkpoint, cfg, resume.state["step"])
+    return checked, resume
 
 
 def finished_summary(run_dir: Path, resume: Resume | None, cfg: TrainConfig) -> dict | None:
@@ -133,27 +178,32 @@ def finished_summary(run_dir: Path, resume: Resume | None, cfg: TrainConfig) -> 
     return summary if summary.get("step") == cfg.num_steps else None
 
 
-def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pending: PendingSignals) -> dict:
+def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pending: PendingSignals,
+          group: Collective = LOCAL) -> dict:
     apply_threads(cfg.hardware)
     device = cfg.hardware.device.value
-    if resume is not None:
+    main = group.rank == 0
+    rows, shards = split_axes(cfg.hardware.parallel, group)
+    if resume is not None and main:
         truncate_jsonl(run_dir / "metrics.jsonl", resume.state["step"])
-    tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg))  # W&B fails here, before the work
+    # W&B fails here, before the work; only rank 0 records anything
+    tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg)) if main else NullTracker()
     data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, device,
                                     host_dtype(cfg.hardware), checked)
     _, n_sources, d_in = data.train.shape
 
     torch.manual_seed(cfg.seed)
-    sae = build_sae(cfg.sae, n_sources, d_in).to(device)
+    sae = build_sae(cfg.sae, n_sources, d_in).to(device)  # the whole dictionary on every rank: same init
     sae.init_b_dec(column_mean(data.train).to(device))
+    forward = spread(sae, rows, shards)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)
-    dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device)
+    dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device, rows, shards)
     step, flops = 0, 0
-    if resume is not None:
+    if resume is not None:  # whatever world size wrote it: checkpoints hold the whole dictionary
         state = resume.state
-        sae.load_state_dict(state["sae"])
-        optimizer.load_state_dict(state["optimizer"])
+        sae.load_state_dict(local_sae_state(sae, state["sae"]))
+        optimizer.load_state_dict(local_optimizer_state(state["optimizer"], sae))
         batch_generator.set_state(state["batch_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         dead_latents.load(state)
@@ -161,33 +211,44 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
         log.info("Resuming from %s (step %d/%d)", resume.checkpoint, step, cfg.num_steps)
     # a sharded (larger-than-memory) table is gathered in a background thread while the step runs
     batches = BatchStream(data.train, cfg.batch_size, batch_generator, device,
-                          prefetch=isinstance(data.train, ShardedTable))
-    forward = torch.compile(sae) if cfg.hardware.compile else sae
-    write_json(run_dir / "config.json", config_dict(cfg))
+                          prefetch=isinstance(data.train, ShardedTable), part=batch_part(cfg.batch_size, rows))
+    forward = torch.compile(forward) if cfg.hardware.compile else forward
+    if main:
+        write_json(run_dir / "config.json", config_dict(cfg))
     step_flops = flops_per_step(cfg, n_sources, d_in)
     last_saved = resume.state["step"] if resume is not None else None
 
+    def whole_sae() -> SparseCoder:
+        """The dictionary in one single-process module (gathered from the shards: every rank calls it)."""
+        if group.size == 1:
+            return sae
+        whole = build_sae(cfg.sae, n_sources, d_in).to(device)
+        whole.load_state_dict(full_sae_state(sae))
+        return whole
+
     def save(at_step: int) -> None:
         nonlocal last_saved
-        check_finite_weights(sae, at_step, cfg, last_saved)  # one sync per save, never a non-finite checkpoint
+        whole = whole_sae()
         train_state = {
-            "step": at_step, "flops": flops, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": at_step, "flops": flops, "sae": whole.state_dict(),
+            "optimizer": full_optimizer_state(optimizer, sae),
             "batch_generator": batches.generator_state(), "torch_rng": torch.get_rng_state(),
             **dead_latents.state(),
         }
-        save_sae_checkpoint(run_dir, at_step, folded_state(sae, data), sae_meta(cfg, data, at_step, flops),
-                            config_dict(cfg), train_state)
+        on_main_rank(group, lambda: write_checkpoint(whole, at_step, cfg, last_saved, run_dir, data, flops,
+                                                     train_state))
         last_saved = at_step
 
-    progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(total=cfg.num_steps, initial=step, desc="sae", dynamic_ncols=True, mininterval=1.0,
+                    disable=not main)
     started = time.time()
     pending.deferring = True  # from here a stop signal waits for the end of the current step
     try:
         while step < cfg.num_steps:
             # -- one optimisation step (no host syncs here) --
             lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
             x = batches.next()
             out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
@@ -198,18 +259,21 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
 
             # -- logging, eval and checkpoints at their intervals --
             if step % cfg.log_every == 0 or step == cfg.num_steps:
-                metrics = train_metrics(out, x, loss, lr, coef, dead_latents.mask())
+                metrics = train_metrics(out, x, loss, lr, coef, dead_latents.dead_fraction(), sae)
                 check_finite_loss(metrics, step, cfg, last_saved)  # before the metrics reach any record
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3g}", fvu=f"{metrics['train/fvu']:.3f}",
                                      l0=f"{metrics['train/l0']:.1f}")
             if step % cfg.eval_every == 0 and step != cfg.num_steps:  # the last step's eval is the final one
-                tracker.log(evaluate(sae, data), step)
+                whole = whole_sae()
+                if main:
+                    tracker.log(evaluate(whole, data), step)
             on_schedule = crosses_flop_boundary(flops - step_flops, flops)
             periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-            if on_schedule or periodic or step == cfg.num_steps or pending:
+            stopping = agree_on_stop(pending, group)
+            if on_schedule or periodic or step == cfg.num_steps or stopping:
                 save(step)
-            if pending:
+            if stopping:
                 tracker.finish()
                 progress.close()
                 hand_over(pending, step, run_dir)
@@ -217,16 +281,55 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
         progress.close()
         batches.close()
 
+    whole = whole_sae()
+    if not main:
+        group.barrier()  # rank 0 evaluates and writes; stay in the group until it is done
+        return {"step": step, "rank": group.rank}
     log.info(f"final evaluation: train and test {data.row_unit}, reconstructions spliced into the host ...")
-    final = evaluate(sae, data)
+    final = evaluate(whole, data)
     summary = {**final, "step": step, "flops": flops, "train_wall_time_s": round(time.time() - started, 1),
-               "sources": data.source_names, **{k: v for k, v in data.meta().items() if k != "sources"}}
+               "sources": data.source_names, **{k: v for k, v in data.meta().items() if k != "sources"},
+               **({"world_size": group.size, "parallel": cfg.hardware.parallel.value} if group.size > 1 else {})}
     write_json(run_dir / "final_metrics.json", summary)
     tracker.log(final, step)
     tracker.finish()
     log.info(headline(final, data.source_names, data.row_unit))
     log.info("Run dir: %s", run_dir)
+    group.barrier()
     return summary
+
+
+def on_main_rank(group: Collective, work: Callable[[], None]) -> None:
+    """Run `work` on rank 0; a reported error there is raised on every rank (all stop together)."""
+    problem = None
+    if group.rank == 0:
+        try:
+            work()
+        except ReportedError as error:
+            problem = error
+    if group.size > 1:
+        message = group.broadcast_object(None if problem is None else str(problem))
+        if problem is None and message is not None:
+            problem = RefusedByMainRank(message)
+    if problem is not None:
+        raise problem
+
+
+def agree_on_stop(pending: PendingSignals, group: Collective) -> bool:
+    """Whether any rank got a stop signal during this step; every rank then holds the union of
+    the signals received (one small all-reduce per step, none for one process)."""
+    if group.size == 1:
+        return bool(pending)
+    flags = group.max(torch.tensor([signum in pending.received for signum in STOP_SIGNALS], dtype=torch.int32))
+    pending.received = [signum for signum, flag in zip(STOP_SIGNALS, flags.tolist()) if flag]
+    return bool(pending)
+
+
+def write_checkpoint(whole: SparseCoder, step: int, cfg: TrainConfig, last_saved: int | None, run_dir: Path,
+                     data: Activations, flops: int, train_state: dict) -> None:
+    check_finite_weights(whole, step, cfg, last_saved)  # one sync per save, never a non-finite checkpoint
+    save_sae_checkpoint(run_dir, step, folded_state(whole, data), sae_meta(cfg, data, step, flops),
+                        config_dict(cfg), train_state)
 
 
 def hand_over(pending, step: int, run_dir: Path) -> None:
@@ -261,15 +364,21 @@ def check_finite_weights(sae: SparseCoder, step: int, cfg: TrainConfig, last_sav
                                     + divergence_hint(cfg, last_saved))
 
 
-def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: float, dead_mask: torch.Tensor) -> dict:
+def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: float, dead_frac: float,
+                  sae: SparseCoder) -> dict:
+    """Over the global batch and the whole dictionary, whichever part this process holds."""
+    rows, shards = sae.rows, sae.latent_shards
     with torch.no_grad():
-        total = (x - x.mean(dim=0)).pow(2).sum()
+        means = torch.stack([loss, out.mse, out.aux, out.sparsity]).detach().float()
+        l0 = shards.sum(out.l0().mean().reshape(1))  # a shard counts its own latents
+        means = rows.sum(torch.cat([means, l0])) / rows.size  # equal slices: the mean of means
+        squared_error = rows.sum((out.x_hat.float() - x).pow(2).sum())
+        fvu = squared_error / total_variance(x, rows)
+        loss_value, mse, aux, sparsity, l0_value = means.tolist()
         return {
-            "train/loss": loss.item(), "train/mse": out.mse.item(), "train/aux": out.aux.item(),
-            "train/sparsity": out.sparsity.item(),
-            "train/fvu": ((out.x_hat.float() - x).pow(2).sum() / total.clamp_min(1e-12)).item(),
-            "train/l0": out.l0().mean().item(),
-            "train/dead_frac": dead_mask.float().mean().item(), "train/lr": lr, "train/sparsity_coef": coef,
+            "train/loss": loss_value, "train/mse": mse, "train/aux": aux, "train/sparsity": sparsity,
+            "train/fvu": fvu.item(), "train/l0": l0_value,
+            "train/dead_frac": dead_frac, "train/lr": lr, "train/sparsity_coef": coef,
         }
 
 

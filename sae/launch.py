@@ -28,6 +28,7 @@ from sae.atomic_io import atomic_file, write_json
 from sae.config import to_dataclass
 from sae.errors import ReportedError
 from sae.training.signals import StopRequested
+from sae.world import launched_world
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
 
     hydra_cfg = HydraConfig.get()
     is_sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
+    if not launched_world().is_main:
+        return run_follower_job(cfg, Path(hydra_cfg.runtime.output_dir), job)
     records = JobRecords(Path(hydra_cfg.runtime.output_dir), cfg, hydra_cfg)
     try:
         typed = to_dataclass(cfg)
@@ -227,6 +230,21 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
         raise
     records.finish("completed")
     return result
+
+
+def run_follower_job(cfg: DictConfig, output_dir: Path, job: Callable[..., dict]) -> dict:
+    """Rank > 0 of a multi-process run: rank 0 keeps the records and the log; this one only says
+    what went wrong (warnings and errors), and leaves no dir of its own behind."""
+    logging.getLogger().setLevel(logging.WARNING)
+    _detach_file_handlers(output_dir)
+    try:
+        return job(to_dataclass(cfg), output_dir, on_start=None)
+    except ReportedError as error:
+        print(f"Error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # torchrun: a rank that composed another timestamp than rank 0
 
 
 # -- the end of a sweep ----------------------------------------------------------------------------

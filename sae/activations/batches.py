@@ -78,11 +78,16 @@ def mean_squared_norm(table: torch.Tensor | ShardedTable) -> torch.Tensor:
 
 
 class BatchStream:
-    """Uniformly random batches of rows (with replacement), the next one prefetched when asked."""
+    """Uniformly random batches of rows (with replacement), the next one prefetched when asked.
+
+    part: this process's slice of each batch in a data-parallel run (every process draws the same
+    global batch from the same generator and keeps its slice, so the generator state, and a
+    checkpoint, do not depend on the world size)."""
 
     def __init__(self, table: torch.Tensor | ShardedTable, batch_size: int, generator: torch.Generator,
-                 device: str, prefetch: bool = False):
+                 device: str, prefetch: bool = False, part: slice = slice(None)):
         self.table, self.batch_size, self.generator, self.device = table, batch_size, generator, device
+        self.part = part
         self._consumed_state = generator.get_state()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._pending: tuple[Future | torch.Tensor, torch.Tensor] | None = None
@@ -93,7 +98,7 @@ class BatchStream:
         return self.table[rows].to(self.device, non_blocking=True)
 
     def _submit(self) -> tuple[Future | torch.Tensor, torch.Tensor]:
-        rows = torch.randint(len(self.table), (self.batch_size,), generator=self.generator)
+        rows = torch.randint(len(self.table), (self.batch_size,), generator=self.generator)[self.part]
         state = self.generator.get_state()
         return (self._pool.submit(self._gather, rows) if self._pool else self._gather(rows)), state
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from sae.world import LOCAL, Collective
+
 
 @dataclass
 class SAEConfig:
@@ -80,7 +82,62 @@ class SAEOutput(NamedTuple):
         return self.fire_counts(d_sae) > 0
 
 
+class _SumOverShards(torch.autograd.Function):
+    """Forward: the sum of every process's partial (each holds some latents' share). Backward:
+    the gradient as is (every process computes the same loss from the same sum)."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        return group.sum(partial.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SharedInput(torch.autograd.Function):
+    """Forward: a replicated tensor as is. Backward: the sum of every process's gradient (each
+    process's latents contribute their share of it)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.group.sum(grad.clone()), None
+
+
+def reaches_global_topk(values: torch.Tensor, k: int, group: Collective, width: int | None = None) -> torch.Tensor:
+    """values: [batch, m] this process's candidates for each row's top k over the whole dictionary
+    (its own top k) -> bool mask of those that are in the global top k (ties at the k-th value all
+    pass). width: pad every process's offer to this many with -inf (when m differs per process)."""
+    offers = values.detach()
+    if width is not None and offers.shape[1] < width:
+        offers = torch.cat([offers, offers.new_full((len(offers), width - offers.shape[1]), float("-inf"))], dim=1)
+    everyone = group.gather(offers).permute(1, 0, 2).flatten(1)  # [batch, size x width]
+    kth = everyone.topk(min(k, everyone.shape[1]), dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    return values >= kth
+
+
+def total_variance(x: torch.Tensor, rows: Collective = LOCAL) -> torch.Tensor:
+    """sum over rows and features of (x - column mean)^2, over the global batch when its rows are
+    split over `rows` (no gradient: for normalising)."""
+    x = x.detach()
+    if rows.size == 1:
+        return (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    mean = (rows.sum(x.sum(dim=0).double()) / (len(x) * rows.size)).to(x.dtype)
+    return rows.sum((x - mean).pow(2).sum()).clamp_min(1e-12)
+
+
 class SparseCoder(nn.Module):
+    # The processes a training step is spread over (sae.parallel sets them; LOCAL: this one).
+    # rows: the global batch is split into equal slices over these (data parallel); latents: the
+    # dictionary's rows are split over these (latent sharding). Losses are global-batch losses.
+    rows: Collective = LOCAL
+    latent_shards: Collective = LOCAL
+
     def __init__(self, cfg: SAEConfig, n_sources: int, d_in: int):
         super().__init__()
         self.cfg, self.n_sources, self.d_in, self.d_sae = cfg, n_sources, d_in, cfg.sparse_dim
@@ -94,7 +151,7 @@ class SparseCoder(nn.Module):
     # -- the maths ---------------------------------------------------------------------------
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, n_sources, d_in] -> [batch, d_sae]."""
-        centred = (x - self.b_dec).flatten(1)
+        centred = (x - self.shared_input(self.b_dec)).flatten(1)
         return torch.addmm(self.b_enc, centred, self.W_enc.flatten(1).t())
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -117,7 +174,7 @@ class SparseCoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [batch, d_sae] -> [batch, n_sources, d_in]."""
-        return (latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in) + self.b_dec
+        return self.sum_over_latents(latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in) + self.b_dec
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae, n_sources]: ||W_dec[i, s]||."""
@@ -137,8 +194,20 @@ class SparseCoder(nn.Module):
         latents = self.activation(pre)
         x_hat = self.decode(latents)
         mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
-        sparsity = (latents * self.decoder_norms().sum(dim=1)).sum(dim=1).mean()
-        return SAEOutput(x_hat, latents, mse, sparsity, x.new_zeros(()))
+        return SAEOutput(x_hat, latents, mse, self.sparsity_of(latents), x.new_zeros(()))
+
+    def sparsity_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """The L1 penalty of dense codes [batch, d_sae]: sum_i f_i * sum_s ||W_dec[i, s]||, batch mean."""
+        return self.sum_over_latents((latents * self.decoder_norms().sum(dim=1)).sum(dim=1).mean())
+
+    # -- latent sharding: this process may hold only some of the latents (sae.parallel) ---------
+    def shared_input(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A replicated tensor that this process's latents read: its gradient sums over shards."""
+        return tensor if self.latent_shards.size == 1 else _SharedInput.apply(tensor, self.latent_shards)
+
+    def sum_over_latents(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over latents computed from this process's share: the sum over all shards."""
+        return partial if self.latent_shards.size == 1 else _SumOverShards.apply(partial, self.latent_shards)
 
     # -- training hooks (no-ops unless the architecture constrains its decoder) ----------------
     def before_optimizer_step(self) -> None:
@@ -146,6 +215,10 @@ class SparseCoder(nn.Module):
 
     def after_optimizer_step(self) -> None:
         pass
+
+    def sharded_parameters(self) -> set[str]:
+        """Parameters whose first dimension is the latent (what latent sharding splits)."""
+        return {"W_enc", "W_dec", "b_enc"}
 
     @torch.no_grad()
     def init_b_dec(self, mean: torch.Tensor) -> None:

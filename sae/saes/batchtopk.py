@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.saes.base import SAEOutput
+from sae.world import LOCAL, Collective
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 
 
@@ -29,11 +30,20 @@ class BatchTopKSAEConfig(TopKSAEConfig):
             raise ValueError(f"sae.threshold_decay must be in [0, 1), got {self.threshold_decay}")
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """[batch, d_sae] -> the k x batch largest ReLU'd entries of the whole batch, the rest 0."""
+def batch_topk(pre: torch.Tensor, k: int, spread: Collective = LOCAL, global_rows: int | None = None) -> torch.Tensor:
+    """[batch, d_sae] -> the ReLU'd entries that reach the (k x batch)-th largest of the whole
+    batch, the rest 0. Entries tied with that value are all kept (a row drawn twice into a batch
+    ties with itself), so the selection does not depend on how topk breaks ties, nor on how the
+    batch or the latents are split over processes (`spread`): each then offers its k x
+    global_rows largest entries, and the threshold is taken over all offers."""
     flat = pre.relu().flatten()
-    values, indices = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
-    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+    budget = k * (global_rows or pre.shape[0])
+    offers = flat.detach().topk(min(budget, flat.numel()), sorted=False).values
+    if spread.size > 1:
+        offers = spread.gather(offers).flatten()
+        offers = offers.topk(min(budget, offers.numel()), sorted=False).values
+    threshold = offers.min()
+    return (flat * (flat >= threshold)).view_as(pre)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -48,7 +58,8 @@ class BatchTopKSAE(TopKSAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Batch top-k while training; the threshold θ at inference."""
         if self.training:
-            return batch_topk(pre, self.cfg.k)
+            spread = self.rows if self.rows.size > 1 else self.latent_shards
+            return batch_topk(pre, self.cfg.k, spread, len(pre) * self.rows.size)
         return pre * (pre > self.threshold)
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
@@ -58,7 +69,7 @@ class BatchTopKSAE(TopKSAE):
             self.update_threshold(latents)
         x_hat = self.decode(latents)
         mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
-        sparsity = (latents * self.decoder_norms().sum(dim=1)).sum(dim=1).mean()
+        sparsity = self.sparsity_of(latents)
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         pre_aux = pre[:, aux_columns] if aux_columns is not None else None
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, self.W_dec.flatten(1))
@@ -70,6 +81,7 @@ class BatchTopKSAE(TopKSAE):
         fired changes nothing. Tensor ops only: no host sync."""
         kept = latents.detach().float()
         smallest = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min()
+        smallest = self.latent_shards.min(self.rows.min(smallest))  # over the global batch and dictionary
         fired = torch.isfinite(smallest)
         decay = torch.where(self.threshold_updates > 0, self.cfg.threshold_decay, 0.0)
         updated = decay * self.threshold + (1 - decay) * torch.where(fired, smallest, self.threshold)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.saes.base import SAEConfig, SAEOutput, SparseCoder
+from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, reaches_global_topk, total_variance
 from sae.saes.sparse_ops import sparse_decode, topk_encode
 
 
@@ -42,13 +42,17 @@ class TopKSAE(SparseCoder):
             return super().forward_sources(x, dead_latents)
         batch = x.shape[0]
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
-        values, indices, pre_aux, layout = topk_encode(x.flatten(1), self.b_dec.flatten(), self.W_enc.flatten(1).t(),
-                                                       self.b_enc, self.cfg.k, aux_columns)
+        b_dec = self.shared_input(self.b_dec)
+        values, indices, pre_aux, layout = topk_encode(x.flatten(1), b_dec.flatten(), self.W_enc.flatten(1).t(),
+                                                       self.b_enc, min(self.cfg.k, self.d_sae), aux_columns)
+        if self.latent_shards.size > 1:  # this process's top k, of which those in the global top k
+            values = values * reaches_global_topk(values, self.cfg.k, self.latent_shards)
         W_dec = self.W_dec.flatten(1)
-        x_hat = sparse_decode(values, indices, W_dec, layout).view(batch, self.n_sources, self.d_in) + self.b_dec
+        x_hat = self.sum_over_latents(sparse_decode(values, indices, W_dec, layout))
+        x_hat = x_hat.view(batch, self.n_sources, self.d_in) + self.b_dec
         mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
-            sparsity = (values * self.decoder_norms().sum(dim=1)[indices]).sum(dim=1).mean()
+            sparsity = self.sum_over_latents((values * self.decoder_norms().sum(dim=1)[indices]).sum(dim=1).mean())
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
         return SAEOutput(x_hat, values, mse, sparsity, aux, indices)
 
@@ -59,14 +63,27 @@ class TopKSAE(SparseCoder):
         scales with the number of dead latents. Normalised by the residual's variance, so the loss
         is comparable across layers; e is detached, so the gradient reaches only the dead latents.
         """
-        if dead_latents is None or dead_latents.numel() == 0:
-            return x.new_zeros(())
+        sharded = self.latent_shards.size > 1
+        if dead_latents is None or (dead_latents.numel() == 0 and not sharded):
+            return x.new_zeros(())  # (sharded: None when no shard has a dead latent, so all agree)
         k_aux = min(self.cfg.k_aux, dead_latents.numel())  # numel is metadata: no host sync
         values, local = pre_aux.topk(k_aux, dim=-1, sorted=False)
+        if sharded:
+            values = values * reaches_global_topk(values, self.cfg.k_aux, self.latent_shards, width=self.cfg.k_aux)
         e = (x - x_hat).detach()
-        e_hat = sparse_decode(values.relu(), dead_latents[local], W_dec).view_as(e)
-        total_variance = (e - e.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-        return self.cfg.aux_coef * (e_hat - e).pow(2).sum() / total_variance
+        if k_aux:
+            partial = sparse_decode(values.relu(), dead_latents[local], W_dec)
+        else:  # a shard without dead latents while others have some
+            partial = e.new_zeros(len(e), W_dec.shape[1])
+        e_hat = self.sum_over_latents(partial).view_as(e)
+        return self.auxk_of(e_hat, e)
+
+    def auxk_of(self, e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """aux_coef x ||e_hat - e||^2 / the residual's total variance, over the global batch. With the
+        batch split over N processes each returns N x its share (the gradient average then gives
+        the global loss's gradient, and the average of the values the global value)."""
+        squared_error = (e_hat - e).pow(2).sum()
+        return self.cfg.aux_coef * self.rows.size * squared_error / total_variance(e, self.rows)
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -8,9 +8,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sae"
 # lowest first; a module may import its own layer's packages only within its own package
 LAYERS = [
     {"errors"},
-    {"atomic_io", "run_lock", "hardware"},
+    {"atomic_io", "run_lock", "hardware", "world"},
     {"tasks", "saes", "tracking"},
-    {"host_models", "bench_external"},
+    {"host_models", "bench_external", "parallel"},
     {"activations"},
     {"metrics"},
     {"training"},

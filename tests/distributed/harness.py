@@ -1,0 +1,73 @@
+"""The training loop's own pieces (spread, optimisation_step, DeadLatents, BatchStream, the full
+state gathered for checkpoints) run for some steps at any world size, in float64 so that
+TopK near-ties (1-ulp gaps that float32 rounding can flip; see test_parallel_equivalence.py)
+cannot occur: what is compared is the algorithm, not the rounding."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import replace
+
+import torch
+
+from sae.hardware import HardwareConfig, Parallel
+from sae.parallel import batch_part, split_axes, spread
+from sae.parallel.group import joined
+from sae.parallel.latents import full_optimizer_state, full_sae_state
+from sae.saes import build_sae
+from sae.saes.base import SAEConfig
+from sae.training.step import DeadLatents, make_optimizer, optimisation_step
+from sae.activations.batches import BatchStream
+from sae.world import LOCAL, World
+
+D_IN, ROWS = 16, 4096
+
+
+def synthetic_table(seed: int = 0) -> torch.Tensor:
+    """Sparse combinations of random directions: some latents die early, so AuxK runs."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(64, D_IN, generator=g, dtype=torch.float64)
+    codes = torch.rand(ROWS, 64, generator=g, dtype=torch.float64) * (torch.rand(ROWS, 64, generator=g) < 0.1)
+    return (codes @ features)[:, None]  # [rows, 1 source, d_in]
+
+
+def train_steps(sae_cfg: SAEConfig, steps: int, batch_size: int, group=LOCAL, parallel=Parallel.data,
+                grad_clip: float | None = 1.0) -> dict:
+    """The whole-dictionary state after `steps` steps (rank 0's view; every rank must call it)."""
+    table = synthetic_table()
+    rows, shards = split_axes(parallel, group)
+    torch.manual_seed(0)
+    sae = build_sae(sae_cfg, 1, D_IN).double()
+    sae.init_b_dec(table.mean(dim=0))
+    forward = spread(sae, rows, shards)
+    optimizer = make_optimizer(sae.parameters(), lr=3e-3)
+    dead = DeadLatents(sae.d_sae, sae_cfg.dead_window, "cpu", rows, shards)
+    batches = BatchStream(table, batch_size, torch.Generator().manual_seed(0), "cpu", part=batch_part(batch_size, rows))
+    hardware = HardwareConfig()
+    losses = []
+    for step in range(1, steps + 1):
+        out, loss = optimisation_step(sae, forward, optimizer, batches.next(), dead.dead, sae_cfg.sparsity_coef,
+                                      grad_clip, hardware)
+        dead.update(out, batch_size, step)
+        losses.append(rows.sum(loss.detach().clone()).item() / rows.size)
+    optimizer_state = full_optimizer_state(optimizer, sae)["state"]
+    return {"sae": full_sae_state(sae), "exp_avg_sq": {i: s["exp_avg_sq"] for i, s in optimizer_state.items()},
+            **dead.state(), "losses": losses, "dead_seen": dead.dead is not None}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, world_size: int, port: int, jobs: list, results) -> None:
+    """torch.multiprocessing.spawn target: join through sae.parallel.group, run every job."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    world = World(rank, world_size, 0, "env")
+    with joined(replace(HardwareConfig(), rendezvous_timeout_s=60, collective_timeout_s=120), world) as group:
+        for name, (sae_cfg, steps, batch_size, parallel) in jobs:
+            state = train_steps(sae_cfg, steps, batch_size, group, parallel)
+            if rank == 0:
+                results[name] = state
