@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-faults test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host test test-faults test-distributed test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,17 @@ train-host: $(VENV)/.installed
 
 # The fast default suite (a few minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults and not distributed" $(PYTEST_ARGS)
 
 # Faults injected into real runs: kill -9, SIGTERM, a second process, refusals, divergence, a full
 # disk (a small tmpfs: needs root, skipped otherwise), a failing sweep job (a few minutes on 2 cores).
 test-faults: $(VENV)/.installed
 	$(PY) -m pytest -q -m faults -rs $(PYTEST_ARGS)
+
+# scripts/train.py as two gloo processes: torchrun, a rank killed, a stop signal, resume at another
+# world size, refusals (about three minutes on 2 cores).
+test-distributed: $(VENV)/.installed
+	$(PY) -m pytest -q -m distributed -rs $(PYTEST_ARGS)
 
 # Real sweeps on the local one-node SLURM cluster (start it first: make slurm-up, as root).
 test-slurm: $(VENV)/.installed
