@@ -335,13 +335,15 @@ def write_checkpoint(whole: SparseCoder, step: int, cfg: TrainConfig, last_saved
 def hand_over(pending, step: int, run_dir: Path) -> None:
     """The checkpoint of `step` is saved: stop as the signal asked. SIGTERM (scancel; SLURM before
     a requeue) ends the run as cancelled; USR1/USR2 (SLURM's time-limit/preemption warning) go to
-    the original handler, i.e. submitit's, which requeues and exits."""
+    the original handler, i.e. submitit's, which requeues and exits on rank 0. On other ranks it
+    returns (it leaves requeueing to rank 0), so they exit here."""
     if signal.SIGTERM in pending.received:
         pending.restore()
         raise StopRequested(f"SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
                             "command to resume")
     log.info("Stop signal at step %d: checkpoint saved, handing over to the scheduler", step)
     pending.deliver()
+    raise SystemExit(0)  # reached only where the handler returned: rank 0 requeues the job
 
 
 def divergence_hint(cfg: TrainConfig, last_saved: int | None) -> str:

@@ -89,13 +89,16 @@ def wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, tasks):
     """Two jobs differ only in log_every (which does not change the weights); one is requeued
-    mid-run as a preemption would, resumes from its checkpoint, and ends with the same weights."""
+    mid-run as a preemption would, resumes from its checkpoint, and ends with the same weights.
+    tasks=2: each job is one SAE trained by 2 gloo processes (SLURM tasks), one job at a time."""
     # Long enough that the job is still training when SLURM kills it (KillWait is 5 s after the
     # requeue's SIGTERM, which submitit ignores): 2000 steps could finish inside that window.
     process = sweep(tmp_path, "num_steps=20000", "checkpoint_every=500", "eval_every=20000", "log_every=50,60",
-                    "sae.sparse_dim=64", "sae.k=8")
+                    "sae.sparse_dim=64", "sae.k=8", f"hydra.launcher.tasks_per_node={tasks}",
+                    *(["hydra.launcher.array_parallelism=1"] if tasks > 1 else []))
     try:
         first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
         wait_for(lambda: (first / "checkpoints" / "step_0000500").is_dir(), 300, "a periodic checkpoint of the first job")
@@ -110,6 +113,26 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     jobs = job_dirs(tmp_path)
     finals = [load_file(str(job / "checkpoints" / "step_0020000" / "sae.safetensors")) for job in jobs]
     assert all(t.equal(finals[1][k]) for k, t in finals[0].items())
+
+
+def test_a_two_task_job_trains_one_sae_with_gloo_like_one_process(tmp_path):
+    """hydra.launcher.tasks_per_node=2: one SLURM job of 2 tasks joins one gloo group (address and
+    port from submitit) and trains the SAE one process trains (float32: close, not equal)."""
+    overrides = ["num_steps=200", "sae.sparse_dim=64", "sae.k=8", "checkpoint_every=100"]
+    process = sweep(tmp_path, *overrides, "hydra.launcher.tasks_per_node=2")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    (job,) = job_dirs(tmp_path)
+    assert json.loads((job / "final_metrics.json").read_text())["world_size"] == 2
+    task_logs = sorted(p.name for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
+    assert [name.split("_")[-2] for name in task_logs] == ["0", "1"], task_logs  # <job>_<task>_log.out
+    single = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, *overrides, "hardware.threads=1",
+                             f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ours = load_file(str(job / "checkpoints" / "step_0000200" / "sae.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000200" / "sae.safetensors"))
+    for name, tensor in reference.items():
+        assert (ours[name] - tensor).norm() / tensor.norm() < 1e-4, name
 
 
 def test_cancelled_jobs_do_not_stop_the_sweep_waiting_for_the_rest(tmp_path):
