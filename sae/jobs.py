@@ -188,8 +188,8 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
         truncate_jsonl(run_dir / "metrics.jsonl", resume.state["step"])
     # W&B fails here, before the work; only rank 0 records anything
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg)) if main else NullTracker()
-    data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, device,
-                                    host_dtype(cfg.hardware), checked)
+    data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, device, host_dtype(cfg.hardware), checked,
+                            group)  # every rank extracts a share of a new activation cache
     _, n_sources, d_in = data.train.shape
 
     torch.manual_seed(cfg.seed)

@@ -11,6 +11,8 @@ from typing import Callable, NamedTuple, Protocol
 
 import torch
 
+from sae.world import LOCAL, Collective
+
 from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
 
@@ -37,7 +39,7 @@ class Activations(Protocol):
 
 class Family(NamedTuple):
     check: Callable  # (task, host, device, host_dtype) -> what loading may reuse; raises on bad input
-    load: Callable  # (task, host, normalize, device, host_dtype, checked) -> Activations
+    load: Callable  # (task, host, normalize, device, host_dtype, checked, group) -> Activations
 
 
 def _modular() -> Family:
@@ -45,7 +47,7 @@ def _modular() -> Family:
     from sae.host_models.runs import check_host_inputs
 
     return Family(lambda task, host, device, dtype: check_host_inputs(task, host),
-                  lambda task, host, normalize, device, dtype, checked:
+                  lambda task, host, normalize, device, dtype, checked, group:
                   load_activation_data(task, host, normalize, device))
 
 
@@ -73,6 +75,7 @@ def check_inputs(task, host, device: str = "cpu", host_dtype: torch.dtype = torc
 
 
 def load_activations(task, host, normalize: bool, device: str, host_dtype: torch.dtype = torch.float32,
-                     checked=None) -> Activations:
-    """The task family's activations for this host config."""
-    return family(task).load(task, host, normalize, device, host_dtype, checked)
+                     checked=None, group: Collective = LOCAL) -> Activations:
+    """The task family's activations for this host config. group: the processes of a multi-process
+    run, which share the work of building an activation cache (every one must call this)."""
+    return family(task).load(task, host, normalize, device, host_dtype, checked, group)

@@ -15,9 +15,11 @@ refused, never reused or overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -35,6 +37,7 @@ from sae.run_lock import waiting_lock
 from sae.activations.batches import ShardedTable, normalisation_scale
 from sae.activations.sources import capture_sources, sources_meta
 from sae.atomic_io import atomic_dir, remove_stale_temps, write_json
+from sae.world import LOCAL, Collective
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +253,83 @@ def build_cache(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, rec
     log.info("Activation cache written: %s (%d train / %d held-out residues)", cache_dir, rows["train"], rows["test"])
 
 
+# -- the same cache built by every process of a multi-process run --------------------------------------
+#
+# The split's batches are listed without the model (the same batches, in the same order, as the
+# single-process build, cut where max_*_tokens is reached); process r extracts batches r, r + N, ...
+# into part files; rank 0 joins them in batch order into the usual shards. Same rows, same order,
+# same record.json as one process. Rank 0 holds the cache's lock throughout, so concurrent builders
+# (other jobs) wait and reuse it as they do for a single-process build.
+
+def split_batches(task: ProteinTaskConfig, split: str, max_rows: int) -> list[list[ProteinRecord]]:
+    records = (r for r in read_records(task) if in_split(r, split, task))
+    batches, rows = [], 0
+    for batch in token_batches(records, task.tokens_per_batch):
+        if rows >= max_rows:
+            break
+        batches.append(batch)
+        rows += sum(len(r.sequence) for r in batch)
+    return batches
+
+
+def extract_my_batches(sources, alphabet, batches: list, group: Collective, parts: Path) -> None:
+    mine = range(group.rank, len(batches), group.size)
+    for index in tqdm(mine, desc=f"ESM-2 activations (rank {group.rank})", unit="batch", mininterval=2.0,
+                      disable=group.rank != 0):
+        acts = residue_activations(sources, batches[index], alphabet).cpu().numpy()
+        if len(acts) != sum(len(r.sequence) for r in batches[index]):
+            raise RuntimeError(f"batch {index}: {len(acts)} residues extracted, the records have a different count")
+        np.save(parts / f"batch_{index:06d}.npy", acts)
+
+
+def join_batches(parts: Path, n_batches: int, out: Path, max_rows: int) -> int:
+    out.mkdir(parents=True)
+    writer, written = ShardWriter(out), 0
+    for index in range(n_batches):
+        rows = np.load(parts / f"batch_{index:06d}.npy")[: max_rows - written]
+        writer.add(rows)
+        written += len(rows)
+    writer.flush()
+    return written
+
+
+def build_cache_together(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, record: dict,
+                         group: Collective) -> None:
+    """Every rank calls this; on return the cache is complete (built now, or found)."""
+    limits = {"train": task.max_train_tokens, "test": task.max_test_tokens}
+    with contextlib.ExitStack() as held:
+        plan = None
+        if group.rank == 0:
+            try:
+                held.enter_context(waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"))
+                remove_stale_temps(cache_dir.parent, cache_dir.name)
+                plan = "reuse" if check_cache(cache_dir, record) else str(held.enter_context(atomic_dir(cache_dir)))
+            except UserInputError as refusal:
+                group.broadcast_object(f"error:{refusal}")
+                raise
+        plan = group.broadcast_object(plan)
+        if plan.startswith("error:"):
+            raise UserInputError(plan.removeprefix("error:"))
+        if plan == "reuse":
+            log.info("Reusing activation cache %s", cache_dir)
+            return
+        tmp = Path(plan)
+        batches = {split: split_batches(task, split, limits[split]) for split in limits}
+        for split in limits:
+            (tmp / "parts" / split).mkdir(parents=True, exist_ok=True)
+            extract_my_batches(sources, alphabet, batches[split], group, tmp / "parts" / split)
+        group.barrier()
+        if group.rank == 0:
+            rows = {split: join_batches(tmp / "parts" / split, len(batches[split]), tmp / split, limits[split])
+                    for split in limits}
+            shutil.rmtree(tmp / "parts")
+            write_json(tmp / "record.json", record)
+            write_json(tmp / "rows.json", rows)
+            log.info("Activation cache written by %d processes: %s (%d train / %d held-out residues)", group.size,
+                     cache_dir, rows["train"], rows["test"])
+    group.barrier()  # rank 0 has renamed the cache into place
+
+
 def shard_paths(cache_dir: Path, split: str) -> list[Path]:
     return sorted((cache_dir / split).glob("shard_*.npy"))
 
@@ -260,8 +340,8 @@ def read_split(cache_dir: Path, split: str) -> torch.Tensor:
 
 
 def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, normalize: bool, device: str,
-                                 dtype: torch.dtype = torch.float32, checked: CheckedProteinInputs | None = None
-                                 ) -> ProteinActivationData:
+                                 dtype: torch.dtype = torch.float32, checked: CheckedProteinInputs | None = None,
+                                 group: Collective = LOCAL) -> ProteinActivationData:
 
     checked = checked or check_protein_inputs(task, host, device, dtype)
     scan, sources = checked.scan, checked.sources
@@ -269,12 +349,15 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
     record = cache_record(task, host, scan, dtype)
     cache_dir = cache_dir_for(task, record)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    with waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"):  # concurrent sweep jobs build it once
-        remove_stale_temps(cache_dir.parent, cache_dir.name)  # a build killed mid-way
-        if check_cache(cache_dir, record):
-            log.info("Reusing activation cache %s", cache_dir)
-        else:
-            build_cache(sources, task, alphabet, cache_dir, record, scan)
+    if group.size > 1:
+        build_cache_together(sources, task, alphabet, cache_dir, record, group)
+    else:
+        with waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"):  # concurrent sweep jobs build it once
+            remove_stale_temps(cache_dir.parent, cache_dir.name)  # a build killed mid-way
+            if check_cache(cache_dir, record):
+                log.info("Reusing activation cache %s", cache_dir)
+            else:
+                build_cache(sources, task, alphabet, cache_dir, record, scan)
     test = read_split(cache_dir, "test").to(device)
     if task.stream:
         table = ShardedTable(shard_paths(cache_dir, "train"))

@@ -71,3 +71,14 @@ def rank_main(rank: int, world_size: int, port: int, jobs: list, results) -> Non
             state = train_steps(sae_cfg, steps, batch_size, group, parallel)
             if rank == 0:
                 results[name] = state
+
+
+def build_cache_rank(rank: int, world_size: int, port: int, task, host) -> None:
+    """torch.multiprocessing.spawn target: every rank loads (and so builds) the protein cache."""
+    from sae.activations.protein import load_protein_activation_data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with joined(replace(HardwareConfig(), rendezvous_timeout_s=60, collective_timeout_s=300),
+                World(rank, world_size, 0, "env")) as group:
+        load_protein_activation_data(task, host, normalize=True, device="cpu", group=group)
