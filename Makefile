@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-faults test-distributed test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host test test-faults test-distributed test-gpu test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-faults: $(VENV)/.installed
 # world size, refusals (about three minutes on 2 cores).
 test-distributed: $(VENV)/.installed
 	$(PY) -m pytest -q -m distributed -rs $(PYTEST_ARGS)
+
+# The CUDA paths (sparse kernels vs dense, bf16, compile, NCCL on 2 GPUs); skipped without a GPU.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu -rs $(PYTEST_ARGS)
 
 # Real sweeps on the local one-node SLURM cluster (start it first: make slurm-up, as root).
 test-slurm: $(VENV)/.installed

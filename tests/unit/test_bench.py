@@ -69,3 +69,12 @@ def test_other_libraries_train_as_benchmark_columns(impl):
     assert theirs["l0"] <= 4 + 1e-6 and 0 <= theirs["dead_frac"] <= 1
     assert theirs["fvu"] < 1.0  # it learned something from the same activations
     assert set(theirs) == set(ours)
+
+
+def test_parallel_benchmark_reports_both_modes_with_a_communication_share():
+    from sae.bench_parallel import main
+
+    report = main(["--sizes", "16,64,4", "--steps", "2"])
+    rows = [line for line in report.splitlines() if line.startswith("| (16, 64, 4)")]
+    assert [row.split("|")[3].strip() for row in rows] == ["data", "latents"]
+    assert all(row.rstrip(" |").endswith("%") for row in rows)

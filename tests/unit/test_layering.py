@@ -16,7 +16,7 @@ LAYERS = [
     {"training"},
     {"config"},
     {"jobs", "slurm_preflight"},
-    {"launch", "bench"},
+    {"launch", "bench", "bench_parallel"},
     {"analysis"},
     {"__init__"},
 ]

@@ -375,3 +375,22 @@ def test_load_takes_a_run_dir_and_skips_a_newer_corrupt_checkpoint(tmp_path, hos
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(InvalidCheckpointError, match="holds no valid checkpoint"):
         load(empty)
+
+
+def test_batchtopk_keeps_both_copies_of_a_row_drawn_twice():
+    """Batches are drawn with replacement: a duplicated row ties with itself at every entry. Every
+    entry tied with the (k x batch)-th value is kept, so both copies get the same codes (the old
+    rule kept whichever copy torch.topk picked, which a batch split over processes cannot repeat)."""
+    from sae.saes.batchtopk import batch_topk
+
+    torch.manual_seed(0)
+    pre = torch.randn(8, 32)
+    pre[5] = pre[2]
+    cut = pre.relu().flatten().sort(descending=True).values[3 * 8 - 1]
+    pre[2, 0] = pre[5, 0] = cut + 1e-3  # a duplicated entry just above the cut ...
+    budget_value = pre.relu().flatten().sort(descending=True).values[3 * 8 - 1]
+    pre[2, 1] = pre[5, 1] = budget_value  # ... and one exactly at it
+    latents = batch_topk(pre, k=3)
+    assert torch.equal(latents[2], latents[5])
+    assert latents[2, 1] == budget_value
+    assert (latents != 0).sum() >= 3 * 8
