@@ -116,8 +116,9 @@ def table(results: dict, cases: list[Case], world_size: int) -> str:
         for mode in ("data", "latents"):
             with_comm, without = results["many"][(case, mode, True)], results["many"][(case, mode, False)]
             rate = case.batch / with_comm
-            lines.append(f"| ({case.d_in}, {case.d_sae}, {case.k}), {case.batch} | {base:,.0f} | {mode} | {rate:,.0f} | "
-                         f"{rate / base:.2f}x | {1 - without / with_comm:.0%} |")
+            size = f"({case.d_in}, {case.d_sae}, {case.k}), {case.batch}"
+            lines.append(f"| {size} | {base:,.0f} | {mode} | {rate:,.0f} | {rate / base:.2f}x | "
+                         f"{1 - without / with_comm:.0%} |")
     return "\n".join(lines)
 
 

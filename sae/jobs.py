@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                     tracker.log(evaluate(whole, data), step)
             on_schedule = crosses_flop_boundary(flops - step_flops, flops)
             periodic = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-            stopping = agree_on_stop(pending, group)
+            stopping = agree_on_stop(pending, group, device)
             if on_schedule or periodic or step == cfg.num_steps or stopping:
                 save(step)
             if stopping:
@@ -315,12 +315,14 @@ def on_main_rank(group: Collective, work: Callable[[], None]) -> None:
         raise problem
 
 
-def agree_on_stop(pending: PendingSignals, group: Collective) -> bool:
+def agree_on_stop(pending: PendingSignals, group: Collective, device: str) -> bool:
     """Whether any rank got a stop signal during this step; every rank then holds the union of
-    the signals received (one small all-reduce per step, none for one process)."""
+    the signals received (one small all-reduce per step, none for one process; on the run's
+    device, where NCCL can reduce it)."""
     if group.size == 1:
         return bool(pending)
-    flags = group.max(torch.tensor([signum in pending.received for signum in STOP_SIGNALS], dtype=torch.int32))
+    received = [signum in pending.received for signum in STOP_SIGNALS]
+    flags = group.max(torch.tensor(received, dtype=torch.int32, device=device))
     pending.received = [signum for signum, flag in zip(STOP_SIGNALS, flags.tolist()) if flag]
     return bool(pending)
 
