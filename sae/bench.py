@@ -35,6 +35,8 @@ from sae.bench_external import EXTERNAL, build_external, external_available
 from sae.saes import build_sae
 from sae.saes.base import SAEOutput
 from sae.saes.batchtopk import BatchTopKSAEConfig
+from sae.saes.jumprelu import JumpReLUSAEConfig
+from sae.saes.matryoshka import MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
@@ -48,7 +50,9 @@ WARMUP_STEPS = 3
 SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
 DEFAULT_SIZES = ((128, 2048, 16), (512, 16384, 32))
-IMPLEMENTATIONS = ("topk", "batchtopk", "dense_topk", "vanilla")
+IMPLEMENTATIONS = ("topk", "batchtopk", "matryoshka", "jumprelu", "dense_topk", "vanilla")
+# λ on L0 for this data (sae=jumprelu's default); not tuned to reach TopK's L0
+JUMPRELU_COEF = 0.1
 
 
 class DenseTopKReference(nn.Module):
@@ -142,6 +146,10 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
         cfg = TopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
     elif case.impl == "batchtopk":
         cfg = BatchTopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+    elif case.impl == "matryoshka":
+        cfg = MatryoshkaSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+    elif case.impl == "jumprelu":
+        cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=JUMPRELU_COEF, sparsity_warmup_steps=n_steps // 10)
     else:
         cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef,
                                sparsity_warmup_steps=n_steps // 10)
@@ -209,7 +217,7 @@ def run_case(case: Case) -> dict:
             started = now
         batch = train[step * case.batch:(step + 1) * case.batch, None]
         coef = (sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps)
-                if case.impl == "vanilla" else 0.0)
+                if case.impl in ("vanilla", "jumprelu") else 0.0)
         out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
         dead.update(out, case.batch, step + 1)
     if device.type == "cuda":

@@ -13,6 +13,8 @@ from sae.atomic_io import MANIFEST, verify_manifest
 from sae.errors import ReportedError
 from sae.saes.base import WEIGHTS_FORMAT, SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
+from sae.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
 
@@ -22,6 +24,8 @@ SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
     "vanilla": (VanillaSAEConfig, VanillaSAE),
     "topk": (TopKSAEConfig, TopKSAE),
     "batchtopk": (BatchTopKSAEConfig, BatchTopKSAE),
+    "jumprelu": (JumpReLUSAEConfig, JumpReLUSAE),
+    "matryoshka": (MatryoshkaSAEConfig, MatryoshkaSAE),
 }
 
 
@@ -98,6 +102,7 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCo
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
-           "BatchTopKSAE", "BatchTopKSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
+           "BatchTopKSAE", "BatchTopKSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig",
+           "MatryoshkaSAE", "MatryoshkaSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
            "VanillaSAE",
            "VanillaSAEConfig"]

@@ -231,3 +231,23 @@ class SparseCoder(nn.Module):
         self.W_enc.mul_(scale[None, :, None])
         self.W_dec.div_(scale[None, :, None])
         self.b_dec.div_(scale[:, None])
+
+
+class UnitNormDecoder:
+    """Mixin: every decoder row has unit norm (over all sources together in a crosscoder): the
+    gradient's radial part is removed before the step and the rows renormalised after it."""
+
+    W_dec: nn.Parameter
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        if self.W_dec.grad is None:
+            return
+        W, G = self.W_dec.flatten(1), self.W_dec.grad.flatten(1)
+        W_unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        G -= (G * W_unit).sum(dim=1, keepdim=True) * W_unit
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        norms = self.W_dec.flatten(1).norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(norms[:, None, None])

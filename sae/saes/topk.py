@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, reaches_global_topk, total_variance
+from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, UnitNormDecoder, reaches_global_topk, total_variance
 from sae.saes.sparse_ops import sparse_decode, topk_encode
 
 
@@ -27,7 +27,7 @@ class TopKSAEConfig(SAEConfig):
             raise ValueError(f"sae.aux_coef must be >= 0, got {self.aux_coef}")
 
 
-class TopKSAE(SparseCoder):
+class TopKSAE(UnitNormDecoder, SparseCoder):
     """Training runs the sparse kernels of sae/saes/sparse_ops.py (same loss and gradients as the
     dense computation, tested); `encode`/`decode` stay dense for analysis code."""
 
@@ -84,17 +84,3 @@ class TopKSAE(SparseCoder):
         the global loss's gradient, and the average of the values the global value)."""
         squared_error = (e_hat - e).pow(2).sum()
         return self.cfg.aux_coef * self.rows.size * squared_error / total_variance(e, self.rows)
-
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """Remove the gradient component that would change a decoder row's norm."""
-        if self.W_dec.grad is None:
-            return
-        W, G = self.W_dec.flatten(1), self.W_dec.grad.flatten(1)
-        W_unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        G -= (G * W_unit).sum(dim=1, keepdim=True) * W_unit
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        norms = self.W_dec.flatten(1).norm(dim=1).clamp_min(1e-12)
-        self.W_dec.div_(norms[:, None, None])

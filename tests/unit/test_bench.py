@@ -40,7 +40,7 @@ def test_sparse_topk_trains_like_the_dense_reference():
 def test_command_line_runs_each_implementation_in_its_own_process(tmp_path, capsys):
     results = main(["--sizes", "8,32,2", "--tokens", "4096", "--batch", "256", "--threads", "1",
                     "--json", str(tmp_path / "r.json")])
-    assert [r["impl"] for r in results] == ["topk", "batchtopk", "dense_topk", "vanilla"]
+    assert [r["impl"] for r in results] == ["topk", "batchtopk", "matryoshka", "jumprelu", "dense_topk", "vanilla"]
     assert "| (8, 32, 2) | topk |" in capsys.readouterr().out and (tmp_path / "r.json").is_file()
 
 

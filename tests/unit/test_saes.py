@@ -394,3 +394,87 @@ def test_batchtopk_keeps_both_copies_of_a_row_drawn_twice():
     assert torch.equal(latents[2], latents[5])
     assert latents[2, 1] == budget_value
     assert (latents != 0).sum() >= 3 * 8
+
+
+# -- JumpReLU --------------------------------------------------------------------------------------
+
+def naive_jumprelu_grads(sae, x: torch.Tensor, coef: float) -> tuple[float, dict]:
+    """The paper's estimators written out entry by entry (loops), for loss = mse + coef * L0."""
+    eps = sae.cfg.bandwidth
+    W_enc, W_dec, b_enc, b_dec = (sae.W_enc.detach().clone().requires_grad_(), sae.W_dec.detach(),
+                                  sae.b_enc.detach().clone().requires_grad_(), sae.b_dec.detach())
+    theta = sae.log_threshold.detach().exp()
+    pre = (x - b_dec).flatten(1) @ W_enc.flatten(1).t() + b_enc
+    gate = (pre > theta).float().detach()  # H: no gradient to z
+    latents = pre * gate
+    x_hat = (latents @ W_dec.flatten(1)).view_as(x) + b_dec
+    mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+    l0 = gate.sum(dim=1).mean()
+    mse.backward()
+    grad_latents = (2 * (x_hat - x).flatten(1) @ W_dec.flatten(1).t() / len(x)).detach()
+    grad_theta = torch.zeros_like(theta)
+    z = pre.detach()
+    for b in range(z.shape[0]):
+        for i in range(z.shape[1]):
+            if abs((z[b, i] - theta[i]) / eps) < 0.5:
+                grad_theta[i] += grad_latents[b, i] * -(theta[i] / eps)  # through f
+                grad_theta[i] += coef / len(x) * -(1 / eps)  # through L0
+    return (mse + coef * l0).item(), {"W_enc": W_enc.grad, "b_enc": b_enc.grad,
+                                      "log_threshold": grad_theta * theta}  # chain rule to log θ
+
+
+def test_jumprelu_matches_the_papers_estimators_written_out():
+    from sae.saes.jumprelu import JumpReLUSAEConfig
+
+    cfg = JumpReLUSAEConfig(sparse_dim=24, bandwidth=0.5, init_threshold=0.3)
+    sae = random_sae(cfg, n_sources=1, d_in=6, seed=7)
+    x = torch.randn(40, 1, 6)
+    out = sae(x)
+    pre, theta = sae.pre_activations(x), sae.threshold()  # (random_sae moved θ away from 0.3 per latent)
+    torch.testing.assert_close(out.latents, pre * (pre > theta))
+    coef = 0.7
+    loss = out.mse + coef * out.sparsity
+    sae.zero_grad()
+    loss.backward()
+    expected_loss, expected = naive_jumprelu_grads(sae, x, coef)
+    assert abs(loss.item() - expected_loss) < 1e-4 * max(1.0, expected_loss)
+    assert expected["log_threshold"].abs().sum() > 0, "some pre-activations must fall in the kernel's window"
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(sae.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert out.sparsity.item() == (pre > theta).sum(dim=1).float().mean().item()
+
+
+# -- Matryoshka ------------------------------------------------------------------------------------
+
+def test_matryoshka_loss_is_the_mean_of_each_prefix_reconstructing_alone():
+    """Against a loop that decodes each prefix from scratch (dense), loss and every gradient."""
+    from sae.saes.batchtopk import batch_topk
+    from sae.saes.matryoshka import MatryoshkaSAEConfig
+
+    cfg = MatryoshkaSAEConfig(sparse_dim=32, k=4, prefix_fractions=[0.125, 0.5, 1.0])
+    sae = random_sae(cfg, n_sources=2, d_in=5, seed=8)
+    x = torch.randn(30, 2, 5)
+    out = sae(x)
+    sae.zero_grad()
+    out.mse.backward()
+    params = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
+    pre = (x - params["b_dec"]).flatten(1) @ params["W_enc"].flatten(1).t() + params["b_enc"]
+    latents = batch_topk(pre, 4)
+    losses = []
+    for m in (4, 16, 32):
+        x_hat = (latents[:, :m] @ params["W_dec"][:m].flatten(1)).view_as(x) + params["b_dec"]
+        losses.append((x_hat - x).pow(2).sum(dim=(1, 2)).mean())
+    reference = sum(losses) / 3
+    reference.backward()
+    torch.testing.assert_close(out.mse, reference.detach())
+    torch.testing.assert_close(out.x_hat, x_hat.detach())  # the full dictionary's reconstruction
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fractions", [[0.5, 0.25, 1.0], [0.25, 0.5], [0.001, 1.0], []])
+def test_matryoshka_refuses_prefixes_that_do_not_nest(fractions):
+    from sae.saes.matryoshka import MatryoshkaSAEConfig
+
+    with pytest.raises(ValueError, match="sae.prefix_fractions"):
+        MatryoshkaSAEConfig(sparse_dim=64, prefix_fractions=fractions)
