@@ -160,6 +160,7 @@ def test_a_rank_nobody_joins_is_refused_in_one_line_and_leaves_the_run_dir_as_it
     (["batch_size=63"], "batch_size=63 is not divisible by the world size 2"),
     (["hardware.parallel=latents", "sae.sparse_dim=63"], "sae.sparse_dim=63 is not divisible by the world size 2"),
     (["hardware.backend=nccl"], "hardware.backend=nccl needs CUDA"),
+    (["hardware.parallel=latents", "sae=matryoshka"], "hardware.parallel=latents supports sae in"),
 ])
 def test_a_split_the_run_cannot_make_is_refused_before_any_rank_waits(tmp_path, hosts, overrides, message):
     (rank0,) = by_hand(tmp_path / "run", hosts, *SHORT, *overrides, ranks=(0,))  # rank 1 never comes
