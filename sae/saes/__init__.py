@@ -13,6 +13,7 @@ from sae.atomic_io import MANIFEST, verify_manifest
 from sae.errors import ReportedError
 from sae.saes.base import WEIGHTS_FORMAT, SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from sae.saes.foreign import foreign_format, load_foreign
 from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from sae.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
@@ -52,11 +53,18 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def load(path: str | Path, device: str = "cpu") -> SparseCoder:
     """Load an SAE/crosscoder saved by training in raw activation units, in inference mode
     (`.eval()`: each row is encoded on its own, e.g. BatchTopK by its threshold). path: a checkpoint
-    dir (`.../checkpoints/<name>/`) or a run dir (its newest checkpoint that verifies; each newer one
-    skipped is named in a warning)."""
+    dir (`.../checkpoints/<name>/`), a run dir (its newest checkpoint that verifies; each newer one
+    skipped is named in a warning), or a SAELens / sparsify folder (sae.saes.foreign)."""
+    if foreign_format(Path(path)) is not None:
+        return load_foreign(Path(path), device)
+    return load_with_source(path, device)[1]
+
+
+def load_with_source(path: str | Path, device: str = "cpu") -> tuple[Path, SparseCoder]:
+    """(the checkpoint dir it came from, the SAE) for a checkpoint dir or a run dir (see `load`)."""
     path = Path(path)
     if (path / "sae.json").is_file() or not (path / "checkpoints").is_dir():
-        return load_checkpoint(path, device)
+        return path, load_checkpoint(path, device)
     problems = []
     for checkpoint in checkpoint_dirs(path):
         try:
@@ -66,7 +74,7 @@ def load(path: str | Path, device: str = "cpu") -> SparseCoder:
             continue
         for problem in problems:
             log.warning("Skipping checkpoint %s", problem)
-        return sae
+        return checkpoint, sae
     raise InvalidCheckpointError(f"{path} holds no valid checkpoint" + (f" ({'; '.join(problems)})" if problems else
                                                                       " (its checkpoints/ dir is empty)"))
 

@@ -1,0 +1,150 @@
+"""SAEs in other libraries' folder formats, both ways, without needing those libraries installed.
+
+SAELens (`SAE.load_from_disk`): cfg.json + sae_weights.safetensors, W_enc [d_in, d_sae],
+W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]; architectures "standard" (ReLU), "topk",
+"jumprelu" (+ threshold [d_sae]); b_dec is subtracted from the input (apply_b_dec_to_input).
+EleutherAI sparsify (`Sae.load_from_disk`): cfg.json + sae.safetensors, encoder.weight
+[d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec; TopK only.
+
+Ours -> theirs: vanilla -> standard, topk -> topk (SAELens or sparsify), jumprelu -> jumprelu,
+and BatchTopK / Matryoshka as what they are at inference, a JumpReLU at their threshold θ (the
+same θ for every latent). Our checkpoints hold weights in raw activation units (the training
+normalisation folded in), so the exported SAE takes raw activations (normalize_activations
+"none"). A crosscoder (several sources) has no format in either library: refused.
+Theirs -> ours: the same table backwards, so `sae.saes.load` and our metrics run on their SAEs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.errors import UserInputError
+from sae.saes.base import SparseCoder
+from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
+from sae.saes.topk import TopKSAE, TopKSAEConfig
+from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
+
+FORMATS = ("saelens", "sparsify")
+SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
+
+
+def foreign_format(path: Path) -> str | None:
+    """'saelens' or 'sparsify' for a folder in that library's format, else None."""
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        return None
+    if (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    return "sparsify" if (path / SPARSIFY_WEIGHTS).is_file() else None
+
+
+# -- ours -> theirs ------------------------------------------------------------------------------
+
+def exported_architecture(sae: SparseCoder, fmt: str) -> str:
+    """The target's architecture name for this SAE; UserInputError where it has none."""
+    if fmt not in FORMATS:
+        raise UserInputError(f"--format {fmt}: unknown, expected one of {list(FORMATS)}")
+    if sae.n_sources != 1:
+        raise UserInputError(f"a crosscoder ({sae.n_sources} sources) has no {fmt} format: {fmt} stores one-source SAEs")
+    kind = sae.cfg.type
+    if fmt == "sparsify":
+        if kind != "topk":
+            raise UserInputError(f"sparsify stores TopK SAEs only; this SAE is {kind} (try --format saelens)")
+        return "topk"
+    return {"vanilla": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+            "matryoshka": "jumprelu"}[kind]
+
+
+def thresholds(sae: SparseCoder) -> torch.Tensor:
+    if isinstance(sae, JumpReLUSAE):
+        return sae.threshold().detach()
+    return sae.threshold.detach().expand(sae.d_sae).clone()  # BatchTopK / Matryoshka at inference
+
+
+def saelens_files(sae: SparseCoder, metadata: dict) -> tuple[dict, dict]:
+    architecture = exported_architecture(sae, "saelens")
+    weights = {"W_enc": sae.W_enc[:, 0].t(), "W_dec": sae.W_dec[:, 0], "b_enc": sae.b_enc, "b_dec": sae.b_dec[0]}
+    cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
+           "architecture": architecture}
+    if architecture == "topk":
+        cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    if architecture == "jumprelu":
+        weights["threshold"] = thresholds(sae)
+    return cfg, weights
+
+
+def sparsify_files(sae: SparseCoder) -> tuple[dict, dict]:
+    exported_architecture(sae, "sparsify")
+    weights = {"encoder.weight": sae.W_enc[:, 0], "encoder.bias": sae.b_enc, "W_dec": sae.W_dec[:, 0],
+               "b_dec": sae.b_dec[0]}
+    cfg = {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_in), "normalize_decoder": False,
+           "num_latents": sae.d_sae, "k": sae.cfg.k, "multi_topk": False, "skip_connection": False,
+           "transcode": False, "d_in": sae.d_in}
+    return cfg, weights
+
+
+def write_foreign(sae: SparseCoder, fmt: str, folder: Path, metadata: dict) -> None:
+    """The target library's files into `folder` (which the caller creates atomically)."""
+    cfg, weights = saelens_files(sae, metadata) if fmt == "saelens" else sparsify_files(sae)
+    name = SAELENS_WEIGHTS if fmt == "saelens" else SPARSIFY_WEIGHTS
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, str(folder / name))
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+# -- theirs -> ours ------------------------------------------------------------------------------
+
+def load_foreign(path: Path, device: str = "cpu") -> SparseCoder:
+    """A SAELens or sparsify folder as one of our SAEs (inference mode)."""
+    path = Path(path)
+    fmt = foreign_format(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    if fmt == "saelens":
+        sae = _from_saelens(cfg, load_file(str(path / SAELENS_WEIGHTS)), path)
+    elif fmt == "sparsify":
+        sae = _from_sparsify(cfg, load_file(str(path / SPARSIFY_WEIGHTS)), path)
+    else:
+        raise UserInputError(f"{path}: not a SAELens (cfg.json + {SAELENS_WEIGHTS}) or sparsify "
+                             f"(cfg.json + {SPARSIFY_WEIGHTS}) folder")
+    return sae.to(device).eval()
+
+
+def _from_saelens(cfg: dict, weights: dict, path: Path) -> SparseCoder:
+    architecture, d_in, d_sae = cfg.get("architecture", "standard"), cfg["d_in"], cfg["d_sae"]
+    unsupported = [key for key, ok in (("normalize_activations", cfg.get("normalize_activations", "none") == "none"),
+                                       ("apply_b_dec_to_input", cfg.get("apply_b_dec_to_input", True)),
+                                       ("rescale_acts_by_decoder_norm", not cfg.get("rescale_acts_by_decoder_norm")))
+                   if not ok]
+    if unsupported or architecture not in ("standard", "topk", "jumprelu"):
+        raise UserInputError(f"{path}: SAELens architecture {architecture!r} with {unsupported or 'these settings'} "
+                             "has no equivalent here (supported: standard, topk, jumprelu; raw activations, b_dec "
+                             "subtracted from the input)")
+    if architecture == "topk":
+        sae = TopKSAE(TopKSAEConfig(sparse_dim=d_sae, k=cfg["k"]), 1, d_in)
+    elif architecture == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(sparse_dim=d_sae), 1, d_in)
+    else:
+        sae = VanillaSAE(VanillaSAEConfig(sparse_dim=d_sae), 1, d_in)
+    state = {"W_enc": weights["W_enc"].t()[:, None], "W_dec": weights["W_dec"][:, None], "b_enc": weights["b_enc"],
+             "b_dec": weights["b_dec"][None]}
+    if architecture == "jumprelu":
+        threshold = weights["threshold"].float()
+        if (threshold <= 0).any():  # ours keeps θ = exp(log θ) > 0; z > 0 at θ -> 0+ matches a ReLU gate
+            threshold = threshold.clamp_min(torch.finfo(torch.float32).tiny)
+        state["log_threshold"] = threshold.log()
+    sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()})
+    return sae
+
+
+def _from_sparsify(cfg: dict, weights: dict, path: Path) -> SparseCoder:
+    if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode") or cfg.get(
+            "multi_topk"):
+        raise UserInputError(f"{path}: sparsify settings {cfg} have no equivalent here (a plain TopK SAE only)")
+    d_sae, d_in = weights["W_dec"].shape
+    sae = TopKSAE(TopKSAEConfig(sparse_dim=d_sae, k=cfg["k"]), 1, d_in)
+    sae.load_state_dict({"W_enc": weights["encoder.weight"][:, None].float(), "W_dec": weights["W_dec"][:, None].float(),
+                         "b_enc": weights["encoder.bias"].float(), "b_dec": weights["b_dec"][None].float()})
+    return sae
