@@ -73,8 +73,8 @@ def model_card(sae: SparseCoder, fmt: str, architecture: str, run: dict) -> str:
              "", "## Final metrics", ""]
     rows = [(key, value) for key, value in final.items() if key.startswith("eval/") and key.rsplit("/", 1)[-1]
             in METRICS + ("loss_recovered", "acc_spliced")]
-    lines += ["| metric | value |", "| --- | --- |"] + [f"| {key} | {value:.4g} |" for key, value in rows] if rows else [
-        "(the run's final_metrics.json is not beside this checkpoint)"]
+    table = ["| metric | value |", "| --- | --- |"] + [f"| {key} | {value:.4g} |" for key, value in rows]
+    lines += table if rows else ["(the run's final_metrics.json is not beside this checkpoint)"]
     lines += ["", "## Load", "", "```python", LOADERS[fmt], "```", "", "## Training config", "", "```json",
               json.dumps(config, indent=2), "```", ""]
     return "\n".join(lines)

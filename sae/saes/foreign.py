@@ -48,7 +48,8 @@ def exported_architecture(sae: SparseCoder, fmt: str) -> str:
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt}: unknown, expected one of {list(FORMATS)}")
     if sae.n_sources != 1:
-        raise UserInputError(f"a crosscoder ({sae.n_sources} sources) has no {fmt} format: {fmt} stores one-source SAEs")
+        raise UserInputError(f"a crosscoder ({sae.n_sources} sources) has no {fmt} format: "
+                             f"{fmt} stores one-source SAEs")
     kind = sae.cfg.type
     if fmt == "sparsify":
         if kind != "topk":
@@ -145,6 +146,7 @@ def _from_sparsify(cfg: dict, weights: dict, path: Path) -> SparseCoder:
         raise UserInputError(f"{path}: sparsify settings {cfg} have no equivalent here (a plain TopK SAE only)")
     d_sae, d_in = weights["W_dec"].shape
     sae = TopKSAE(TopKSAEConfig(sparse_dim=d_sae, k=cfg["k"]), 1, d_in)
-    sae.load_state_dict({"W_enc": weights["encoder.weight"][:, None].float(), "W_dec": weights["W_dec"][:, None].float(),
+    sae.load_state_dict({"W_enc": weights["encoder.weight"][:, None].float(),
+                         "W_dec": weights["W_dec"][:, None].float(),
                          "b_enc": weights["encoder.bias"].float(), "b_dec": weights["b_dec"][None].float()})
     return sae
