@@ -316,15 +316,18 @@ def on_main_rank(group: Collective, work: Callable[[], None]) -> None:
 
 
 def agree_on_stop(pending: PendingSignals, group: Collective, device: str) -> bool:
-    """Whether any rank got a stop signal during this step; every rank then holds the union of
-    the signals received (one small all-reduce per step, none for one process; on the run's
-    device, where NCCL can reduce it)."""
+    """Whether any rank got a stop signal before this step's agreement; every rank then holds the
+    union of the signals agreed on (one small all-reduce per step, none for one process; on the
+    run's device, where NCCL can reduce it). A signal that arrives while the all-reduce waits is
+    kept for the next step's agreement: deciding on it now would split the ranks."""
     if group.size == 1:
         return bool(pending)
-    received = [signum in pending.received for signum in STOP_SIGNALS]
-    flags = group.max(torch.tensor(received, dtype=torch.int32, device=device))
-    pending.received = [signum for signum, flag in zip(STOP_SIGNALS, flags.tolist()) if flag]
-    return bool(pending)
+    offered = list(pending.received)
+    flags = group.max(torch.tensor([signum in offered for signum in STOP_SIGNALS], dtype=torch.int32, device=device))
+    agreed = [signum for signum, flag in zip(STOP_SIGNALS, flags.tolist()) if flag]
+    arrived_meanwhile = pending.received[len(offered):]
+    pending.received = agreed + [signum for signum in arrived_meanwhile if signum not in agreed]
+    return bool(agreed)
 
 
 def write_checkpoint(whole: SparseCoder, step: int, cfg: TrainConfig, last_saved: int | None, run_dir: Path,

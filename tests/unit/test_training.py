@@ -252,3 +252,30 @@ def test_rerunning_a_finished_run_writes_nothing(tmp_path, host_cache):
     assert run_training(cfg, tmp_path / "run") == first
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_a_stop_signal_arriving_during_the_ranks_agreement_waits_for_the_next_step():
+    """The signal handler can run while the all-reduce of the stop flags waits (in C++): that
+    signal must neither be lost nor decide this step (the other ranks did not see it)."""
+    import signal
+
+    from sae.jobs import agree_on_stop
+    from sae.training.signals import PendingSignals
+    from sae.world import Collective
+
+    pending = PendingSignals()
+
+    class SignalDuringReduce(Collective):
+        size, calls = 2, 0
+
+        def max(self, tensor):
+            self.calls += 1
+            if self.calls == 1:
+                pending.received.append(signal.SIGTERM)  # the handler ran while we waited
+            return tensor
+
+    group = SignalDuringReduce()
+    assert agree_on_stop(pending, group, "cpu") is False  # nobody offered it this step
+    assert pending.received == [signal.SIGTERM]  # kept ...
+    assert agree_on_stop(pending, group, "cpu") is True  # ... and agreed on at the next step
+    assert pending.received == [signal.SIGTERM]
