@@ -190,6 +190,8 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     tracker = make_tracker(cfg.tracking, run_dir, config_dict(cfg)) if main else NullTracker()
     data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, device, host_dtype(cfg.hardware), checked,
                             group)  # every rank extracts a share of a new activation cache
+    if resume is None:
+        log_host_record(tracker, data.meta().get("host_run_dir"))
     _, n_sources, d_in = data.train.shape
 
     torch.manual_seed(cfg.seed)
@@ -292,11 +294,28 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                **({"world_size": group.size, "parallel": cfg.hardware.parallel.value} if group.size > 1 else {})}
     write_json(run_dir / "final_metrics.json", summary)
     tracker.log(final, step)
+    tracker.summarize({f"final/{key}": value for key, value in final.items()})  # beside each metric's best
     tracker.finish()
     log.info(headline(final, data.source_names, data.row_unit))
     log.info("Run dir: %s", run_dir)
     group.barrier()
     return summary
+
+
+def log_host_record(tracker, host_run_dir: str | None) -> None:
+    """The grokking host's own training, in the SAE run's W&B: curves, history table, key steps."""
+    if host_run_dir is None:
+        return
+    host = Path(host_run_dir)
+    if (host / "curves.png").is_file():
+        tracker.log_image("host/curves", host / "curves.png", step=0)
+    if (host / "history.jsonl").is_file():
+        history = [json.loads(line) for line in (host / "history.jsonl").read_text().splitlines()]
+        tracker.log_table("host/history", history, step=0)
+    if (host / "summary.json").is_file():
+        summary = json.loads((host / "summary.json").read_text())
+        tracker.summarize({f"host/{key}": summary.get(key) for key in ("memorisation_step", "grokking_step",
+                                                                        "final_step")})
 
 
 def on_main_rank(group: Collective, work: Callable[[], None]) -> None:

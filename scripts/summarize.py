@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sae.analysis.sweep_summary import summarise, write_reports
+from sae.analysis.sweep_summary import log_sweep_to_wandb, summarise, write_reports
 
 
 def main(argv: list[str]) -> int:
@@ -22,11 +22,12 @@ def main(argv: list[str]) -> int:
         print(f"Error: {error}", file=sys.stderr)
         return 1
     paths = write_reports(jobs, args.sweep_dir)
+    logged = log_sweep_to_wandb(args.sweep_dir, paths)  # the frontier beside the jobs' runs in W&B
     print(paths["markdown"].read_text())
     counts = Counter(j.status for j in jobs)
     others = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "completed")
     print(f"{counts['completed']}/{len(jobs)} jobs completed{f' ({others})' if others else ''}; "
-          f"wrote {', '.join(str(p) for p in paths.values())}")
+          f"wrote {', '.join(str(p) for p in paths.values())}" + (f"; W&B summary run in {logged}" if logged else ""))
     return 0 if counts["completed"] == len(jobs) else 1
 
 

@@ -210,3 +210,31 @@ def plot_frontier(jobs: list[JobResult], path: Path, label_keys: list[str] = ())
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def log_sweep_to_wandb(sweep_dir: Path, paths: dict[str, Path]) -> Path | None:
+    """The frontier plot and the summary table as a "sweep-summary" W&B run in the sweep's group
+    (the group its jobs logged to), with the sweep's tracking settings; None when tracking is off."""
+    from omegaconf import OmegaConf
+
+    from sae.tracking import TrackingConfig, WandbMode
+    from sae.tracking.wandb_tracker import WandbTracker
+
+    plan = Path(sweep_dir) / "multirun.yaml"
+    if not plan.is_file():
+        return None
+    saved = OmegaConf.load(plan)
+    tracking = OmegaConf.select(saved, "tracking") or {}
+    mode = WandbMode(tracking.get("mode", "offline"))
+    if mode is WandbMode.disabled:
+        return None
+    group = str(OmegaConf.select(saved, "hydra.sweep.dir")).replace("/", "_")
+    cfg = TrackingConfig(mode=mode, project=tracking.get("project", "train-sae"), entity=tracking.get("entity"),
+                         name="sweep-summary", group=group)
+    tracker = WandbTracker(cfg, Path(sweep_dir), {"sweep_dir": str(sweep_dir)})
+    if "frontier" in paths:
+        tracker.log_image("sweep/frontier", paths["frontier"], step=0)
+    with open(paths["csv"], newline="") as handle:
+        tracker.log_table("sweep/summary", list(csv.DictReader(handle)), step=0)
+    tracker.finish()
+    return Path(sweep_dir) / "wandb"

@@ -279,6 +279,8 @@ def run_host_job(cfg, run_dir: Path, on_start=None) -> dict:
         tracker = make_tracker(cfg.tracking, run_dir, config)
         summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, run_dir,
                                     tracker, device=cfg.hardware.device.value)
+        tracker.log_image("curves", run_dir / "curves.png", step=summary["final_step"])
+        tracker.summarize({key: summary[key] for key in ("memorisation_step", "grokking_step", "final_step")})
         tracker.finish()
     log.info(f"memorised at step {summary['memorisation_step']}, grokked at step {summary['grokking_step']}; "
           f"final train acc {summary['final']['train/acc']:.3f}, test acc {summary['final']['test/acc']:.3f}\n"

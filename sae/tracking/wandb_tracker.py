@@ -39,6 +39,21 @@ def check_tracking(cfg: TrackingConfig) -> None:
                      "or use tracking=offline (the default) and `wandb sync` later")
 
 
+LOWER_IS_BETTER = ("loss", "fvu", "mse", "ce_", "dead_frac", "aux", "sparsity")
+HIGHER_IS_BETTER = ("acc", "loss_recovered")
+
+
+def summary_rule(key: str) -> str | None:
+    """W&B summary of a metric: "max" for accuracies and loss recovered, "min" for losses and
+    FVU, None (W&B's default: the last value) for the rest (lr, l0, steps)."""
+    name = key.rsplit("/", 1)[-1]
+    if any(name.startswith(h) or name == h for h in HIGHER_IS_BETTER):
+        return "max"
+    if any(name.startswith(m) or name.endswith(m) for m in LOWER_IS_BETTER):
+        return "min"
+    return None
+
+
 class WandbTracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, resume_id: Optional[str] = None):
         import wandb
@@ -54,12 +69,30 @@ class WandbTracker:
             raise UserInputError(f"W&B init failed (tracking.mode={cfg.mode.value}): {error}. "
                                "Use tracking=offline to train without a connection.") from error
 
+        self._defined: set[str] = set()
+
     @property
     def run_id(self) -> str:
         return self.run.id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        for key in metrics.keys() - self._defined:  # each key's summary: its best value, not its last
+            rule = summary_rule(key)
+            if rule is not None:
+                self.run.define_metric(key, summary=rule)
+            self._defined.add(key)
         self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def log_table(self, key: str, rows: list[dict], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        table = self._wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self.run.log({key: table}, step=step)
+
+    def summarize(self, values: dict) -> None:
+        self.run.summary.update(values)
 
     def finish(self) -> None:
         self.run.finish()

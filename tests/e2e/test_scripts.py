@@ -133,6 +133,9 @@ def test_local_multirun_without_slurm_and_its_summary(tmp_path, hardware):
         final = json.loads((job / "final_metrics.json").read_text())
         for column in ("loss_recovered", "acc_spliced"):
             assert float(row[header.index(column)]) == pytest.approx(final[f"eval/test/final.L0/{column}"])
+    (summary_run,) = (sweep_dir / "wandb").glob("offline-run-*")  # the frontier and table in the sweep's W&B group
+    assert list(summary_run.glob("files/media/images/sweep/frontier_*.png"))
+    assert list(summary_run.glob("files/media/table/sweep/summary_*.table.json"))
 
 
 def test_summarize_refuses_a_dir_that_is_not_a_sweep(tmp_path):

@@ -279,3 +279,43 @@ def test_a_stop_signal_arriving_during_the_ranks_agreement_waits_for_the_next_st
     assert pending.received == [signal.SIGTERM]  # kept ...
     assert agree_on_stop(pending, group, "cpu") is True  # ... and agreed on at the next step
     assert pending.received == [signal.SIGTERM]
+
+
+def test_wandb_gets_the_hosts_curves_and_history_beside_the_sae_run(tmp_path, host_cache):
+    """What W&B wrote offline for the SAE run: the host's curves (an image) and its training
+    history (a table), so a run's page shows the grokking it was trained on."""
+    from sae.tracking import TrackingConfig, WandbMode
+
+    cfg = tiny_train_config(host_cache, num_steps=10, tracking=TrackingConfig(mode=WandbMode.offline))
+    run_training(cfg, tmp_path / "run")
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert list(media.glob("images/host/curves_*.png"))
+    (table,) = media.glob("table/host/history_*.table.json")
+    history = json.loads(table.read_text())
+    assert "train/acc" in history["columns"] and len(history["data"]) > 1
+
+
+def test_wandb_summaries_keep_each_metrics_best_and_the_final_evaluation(monkeypatch):
+    """define_metric once per key: min for losses and FVU, max for accuracies and loss recovered,
+    W&B's last value for the rest; `summarize` writes final/<metric> beside them."""
+    from sae.tracking.wandb_tracker import WandbTracker
+
+    class RecordingRun:
+        def __init__(self):
+            self.defined, self.logged, self.summary = [], [], {}
+
+        def define_metric(self, key, summary):
+            self.defined.append((key, summary))
+
+        def log(self, metrics, step):
+            self.logged.append((step, metrics))
+
+    tracker = WandbTracker.__new__(WandbTracker)
+    tracker.run, tracker._defined = RecordingRun(), set()
+    tracker.log({"train/loss": 2.0, "train/l0": 32.0, "eval/test/final.L0/acc_spliced": 0.9}, step=1)
+    tracker.log({"train/loss": 1.0, "eval/test/final.L0/loss_recovered": 0.99}, step=2)
+    tracker.summarize({"final/eval/test/fvu": 0.1})
+    assert sorted(tracker.run.defined) == [("eval/test/final.L0/acc_spliced", "max"),
+                                           ("eval/test/final.L0/loss_recovered", "max"), ("train/loss", "min")]
+    assert tracker.run.summary == {"final/eval/test/fvu": 0.1} and len(tracker.run.logged) == 2
