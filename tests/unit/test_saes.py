@@ -423,12 +423,13 @@ def naive_jumprelu_grads(sae, x: torch.Tensor, coef: float) -> tuple[float, dict
                                       "log_threshold": grad_theta * theta}  # chain rule to log θ
 
 
-def test_jumprelu_matches_the_papers_estimators_written_out():
+@pytest.mark.parametrize("n_sources", [1, 2])
+def test_jumprelu_matches_the_papers_estimators_written_out(n_sources):
     from sae.saes.jumprelu import JumpReLUSAEConfig
 
     cfg = JumpReLUSAEConfig(sparse_dim=24, bandwidth=0.5, init_threshold=0.3)
-    sae = random_sae(cfg, n_sources=1, d_in=6, seed=7)
-    x = torch.randn(40, 1, 6)
+    sae = random_sae(cfg, n_sources=n_sources, d_in=6, seed=7)
+    x = torch.randn(40, n_sources, 6)
     out = sae(x)
     pre, theta = sae.pre_activations(x), sae.threshold()  # (random_sae moved θ away from 0.3 per latent)
     torch.testing.assert_close(out.latents, pre * (pre > theta))
