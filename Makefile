@@ -34,7 +34,7 @@ test-faults: $(VENV)/.installed
 	$(PY) -m pytest -q -m faults -rs $(PYTEST_ARGS)
 
 # scripts/train.py as two gloo processes: torchrun, a rank killed, a stop signal, resume at another
-# world size, refusals (about three minutes on 2 cores).
+# world size, refusals (about two minutes on 2 cores).
 test-distributed: $(VENV)/.installed
 	$(PY) -m pytest -q -m distributed -rs $(PYTEST_ARGS)
 
