@@ -119,6 +119,7 @@ class Case:
     true_features: float = 1.0  # ground-truth features per latent
     vanilla_coef: float = VANILLA_COEF
     seed: int = 0
+    jumprelu_coef: float = JUMPRELU_COEF
 
 
 def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +150,8 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
     elif case.impl == "matryoshka":
         cfg = MatryoshkaSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
     elif case.impl == "jumprelu":
-        cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=JUMPRELU_COEF, sparsity_warmup_steps=n_steps // 10)
+        cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.jumprelu_coef,
+                                sparsity_warmup_steps=n_steps // 10)
     else:
         cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef,
                                sparsity_warmup_steps=n_steps // 10)
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32", choices=[d.value for d in DType])
     parser.add_argument("--true-features", type=float, default=1.0, help="ground-truth features per latent")
     parser.add_argument("--vanilla-coef", type=float, default=VANILLA_COEF, help="the vanilla SAE's L1 coefficient")
+    parser.add_argument("--jumprelu-coef", type=float, default=JUMPRELU_COEF, help="the JumpReLU SAE's L0 coefficient")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for d_in, d_sae, k in args.sizes:
         for impl in impls:
             case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
-                        args.dtype, args.true_features, args.vanilla_coef)
+                        args.dtype, args.true_features, args.vanilla_coef, jumprelu_coef=args.jumprelu_coef)
             results.append(run_isolated(case))
             print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
                   f"FVU {results[-1]['fvu']:.4f}", flush=True)
