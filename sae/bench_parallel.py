@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from dataclasses import dataclass, replace
 
@@ -22,7 +21,7 @@ import torch.multiprocessing as mp
 from sae.activations.batches import BatchStream
 from sae.hardware import HardwareConfig, Parallel
 from sae.parallel import batch_part, split_axes, spread
-from sae.parallel.group import joined
+from sae.parallel.group import free_port, joined
 from sae.saes import TopKSAEConfig, build_sae
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.world import LOCAL, Collective, World
@@ -90,12 +89,6 @@ def _rank(rank: int, world_size: int, port: int, cases: list[Case], results) -> 
                     seconds = timed_steps(case, group, parallel, communicate)
                     if rank == 0:
                         results[(case, parallel.value, communicate)] = seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(cases: list[Case], world_size: int) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import random
+import socket
 from typing import Iterator
 
 import torch
@@ -68,6 +70,22 @@ class ProcessGroupCollective(Collective):
 
     def barrier(self) -> None:
         self._run("barrier", dist.barrier)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for a single-machine rendezvous (tests, benchmarks), taken
+    below Linux's ephemeral range (32768-60999): a port the kernel hands out for binding to port 0
+    can be handed out again as the source port of a rank connecting early, which then takes it from
+    rank 0's listener ("address already in use")."""
+    for _ in range(100):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port found in 20000-32000")
 
 
 def rendezvous_address(world: World) -> tuple[str, int]:

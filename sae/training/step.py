@@ -81,7 +81,8 @@ class DeadLatents:
             self.dead = dead if int(n_dead) else None
 
     def dead_fraction(self) -> float:
-        counts = torch.stack([self.mask().sum(), torch.tensor(len(self.tokens_since_fired), device=self.mask().device)])
+        mask = self.mask()
+        counts = torch.stack([mask.sum(), torch.tensor(len(mask), device=mask.device)])
         dead, total = self.latent_shards.sum(counts).tolist()
         return dead / total
 

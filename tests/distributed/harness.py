@@ -5,14 +5,13 @@ cannot occur: what is compared is the algorithm, not the rounding."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import torch
 
 from sae.hardware import HardwareConfig, Parallel
 from sae.parallel import batch_part, split_axes, spread
-from sae.parallel.group import joined
+from sae.parallel.group import free_port, joined  # noqa: F401 (the tests import it from here)
 from sae.parallel.latents import full_optimizer_state, full_sae_state
 from sae.saes import build_sae
 from sae.saes.base import SAEConfig
@@ -53,12 +52,6 @@ def train_steps(sae_cfg: SAEConfig, steps: int, batch_size: int, group=LOCAL, pa
     optimizer_state = full_optimizer_state(optimizer, sae)["state"]
     return {"sae": full_sae_state(sae), "exp_avg_sq": {i: s["exp_avg_sq"] for i, s in optimizer_state.items()},
             **dead.state(), "losses": losses, "dead_seen": dead.dead is not None}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, world_size: int, port: int, jobs: list, results) -> None:
