@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae.world import LOCAL, Collective
@@ -121,6 +122,11 @@ def reaches_global_topk(values: torch.Tensor, k: int, group: Collective, width: 
     return values >= kth
 
 
+def squared_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||x_hat - x||^2 summed over sources and features, mean over the batch (one fused kernel each way)."""
+    return F.mse_loss(x_hat, x, reduction="sum") / len(x)
+
+
 def total_variance(x: torch.Tensor, rows: Collective = LOCAL) -> torch.Tensor:
     """sum over rows and features of (x - column mean)^2, over the global batch when its rows are
     split over `rows` (no gradient: for normalising)."""
@@ -193,7 +199,7 @@ class SparseCoder(nn.Module):
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)
-        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        mse = squared_error(x_hat, x)
         return SAEOutput(x_hat, latents, mse, self.sparsity_of(latents), x.new_zeros(()))
 
     def sparsity_of(self, latents: torch.Tensor) -> torch.Tensor:

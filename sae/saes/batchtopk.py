@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.saes.base import SAEOutput
+from sae.saes.base import SAEOutput, squared_error
 from sae.world import LOCAL, Collective
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 
@@ -68,7 +68,7 @@ class BatchTopKSAE(TopKSAE):
         if self.training:
             self.update_threshold(latents)
         x_hat = self.decode(latents)
-        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        mse = squared_error(x_hat, x)
         sparsity = self.sparsity_of(latents)
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         pre_aux = pre[:, aux_columns] if aux_columns is not None else None

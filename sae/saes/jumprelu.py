@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, UnitNormDecoder
+from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, UnitNormDecoder, squared_error
 
 
 @dataclass
@@ -92,7 +92,7 @@ class JumpReLUSAE(UnitNormDecoder, SparseCoder):
         threshold = self.threshold()
         latents = _JumpReLU.apply(pre, threshold, self.cfg.bandwidth)
         x_hat = self.decode(latents)
-        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        mse = squared_error(x_hat, x)
         l0 = self.sum_over_latents(_Step.apply(pre, threshold, self.cfg.bandwidth).sum(dim=1).mean())
         return SAEOutput(x_hat, latents, mse, l0, x.new_zeros(()))
 

@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from sae.saes.base import SAEOutput
+from sae.saes.base import SAEOutput, squared_error
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 
 
@@ -57,7 +57,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         for end in prefix_sizes(self.cfg.prefix_fractions, self.d_sae):
             block = latents[:, start:end] @ self.W_dec[start:end].flatten(1)
             x_hat = x_hat + block.view_as(x)
-            squared_errors.append((x_hat - x).pow(2).sum(dim=(1, 2)).mean())
+            squared_errors.append(squared_error(x_hat, x))
             start = end
         mse = torch.stack(squared_errors).mean()
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None

@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae.saes.row_topk import row_topk
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 class ActiveLayout(NamedTuple):
@@ -71,8 +73,8 @@ class _TopKEncode(torch.autograd.Function):
         """x: [B, D] data (no gradient); b_dec: [D]; W_enc: [D, d_sae] -> values [B, k] (ReLU'd),
         indices [B, k], pre-activations of aux_columns [B, n_aux]. The active layout is appended
         to layout_out for sparse_decode to reuse."""
-        pre = torch.addmm(b_enc, x - b_dec, W_enc)
-        values, indices = pre.topk(k, dim=-1, sorted=False)
+        pre = torch.addmm(b_enc, x - b_dec, W_enc, out=_preactivation_buffer(x, W_enc))
+        values, indices = row_topk(pre, k)
         values = values.relu()
         pre_aux = pre.index_select(1, aux_columns)
         layout = active_layout(indices, W_enc.shape[1])
@@ -97,6 +99,22 @@ class _TopKEncode(torch.autograd.Function):
             grad_b_enc.index_add_(0, aux_columns, grad_pre_aux.sum(0))
         grad_b_dec = -(W_enc @ grad_b_enc.to(W_enc.dtype))  # d/d b_dec of sum over rows of (x - b_dec) @ W_enc
         return None, grad_b_dec, grad_W.t(), grad_b_enc, None, None, None
+
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _preactivation_buffer(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor | None:
+    """A reused [batch, d_sae] buffer for the pre-activations on CPU (None: let addmm allocate).
+    A fresh tensor of that size is a fresh mmap each step and its page faults cost ~40% of the
+    matmul at (128, 2048, 16); the buffer is dead once the forward has picked the top k."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype != W_enc.dtype:
+        return None
+    key = (len(x), W_enc.shape[1], x.dtype)
+    if key not in _BUFFERS:
+        _BUFFERS.clear()  # one size at a time (training); evaluation sizes come and go
+        _BUFFERS[key] = torch.empty(key[:2], dtype=x.dtype)
+    return _BUFFERS[key]
 
 
 def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,

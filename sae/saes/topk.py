@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.saes.base import SAEConfig, SAEOutput, SparseCoder, UnitNormDecoder, reaches_global_topk, total_variance
+from sae.saes.base import (SAEConfig, SAEOutput, SparseCoder, UnitNormDecoder, reaches_global_topk, squared_error,
+                           total_variance)
+from sae.saes.row_topk import row_topk
 from sae.saes.sparse_ops import sparse_decode, topk_encode
 
 
@@ -34,7 +36,7 @@ class TopKSAE(UnitNormDecoder, SparseCoder):
     cfg: TopKSAEConfig
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, indices = row_topk(pre, self.cfg.k)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
@@ -50,7 +52,7 @@ class TopKSAE(UnitNormDecoder, SparseCoder):
         W_dec = self.W_dec.flatten(1)
         x_hat = self.sum_over_latents(sparse_decode(values, indices, W_dec, layout))
         x_hat = x_hat.view(batch, self.n_sources, self.d_in) + self.b_dec
-        mse = (x_hat - x).pow(2).sum(dim=(1, 2)).mean()
+        mse = squared_error(x_hat, x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
             sparsity = self.sum_over_latents((values * self.decoder_norms().sum(dim=1)[indices]).sum(dim=1).mean())
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
@@ -67,7 +69,7 @@ class TopKSAE(UnitNormDecoder, SparseCoder):
         if dead_latents is None or (dead_latents.numel() == 0 and not sharded):
             return x.new_zeros(())  # (sharded: None when no shard has a dead latent, so all agree)
         k_aux = min(self.cfg.k_aux, dead_latents.numel())  # numel is metadata: no host sync
-        values, local = pre_aux.topk(k_aux, dim=-1, sorted=False)
+        values, local = row_topk(pre_aux, k_aux)
         if sharded:
             values = values * reaches_global_topk(values, self.cfg.k_aux, self.latent_shards, width=self.cfg.k_aux)
         e = (x - x_hat).detach()
