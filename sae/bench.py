@@ -19,6 +19,7 @@ the max cosine with any decoder row, and the fraction recovered (max cosine > 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 from queue import Empty
@@ -40,7 +41,7 @@ from sae.saes.matryoshka import MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
-from sae.training.schedules import sparsity_coef_at
+from sae.training.schedules import Schedule, SchedulerConfig, lr_at, sparsity_coef_at
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
@@ -120,6 +121,14 @@ class Case:
     vanilla_coef: float = VANILLA_COEF
     seed: int = 0
     jumprelu_coef: float = JUMPRELU_COEF
+    # the recipe (ours and the dense reference; other libraries keep their own): scheduler.* and sae.* keys
+    schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    aux_coef: float = 1 / 32
+    k_aux: int | None = None  # None: d_in rounded down to even, at most 512
+    init_decoder_norm: float = 1.0
+    beta2: float = 0.999
+    eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
 def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +151,15 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
     if case.impl in EXTERNAL:
         return build_external(case.impl, case.d_in, case.d_sae, case.k, case.device)
     if case.impl == "dense_topk":
-        return DenseTopKReference(case.d_in, case.d_sae, case.k, k_aux, 1 / 32)
+        return DenseTopKReference(case.d_in, case.d_sae, case.k, k_aux, case.aux_coef)
+    topk_keys = dict(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux, aux_coef=case.aux_coef,
+                     init_decoder_norm=case.init_decoder_norm)
     if case.impl == "topk":
-        cfg = TopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+        cfg = TopKSAEConfig(**topk_keys)
     elif case.impl == "batchtopk":
-        cfg = BatchTopKSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+        cfg = BatchTopKSAEConfig(**topk_keys)
     elif case.impl == "matryoshka":
-        cfg = MatryoshkaSAEConfig(sparse_dim=case.d_sae, k=case.k, k_aux=k_aux)
+        cfg = MatryoshkaSAEConfig(**topk_keys)
     elif case.impl == "jumprelu":
         cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.jumprelu_coef,
                                 sparsity_warmup_steps=n_steps // 10)
@@ -187,7 +198,8 @@ def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dic
 
 
 def run_case(case: Case) -> dict:
-    """Train one implementation at one size; runs in its own process."""
+    """Train one implementation at one size; runs in its own process. With case.eval_every, also a
+    quality curve: quality against tokens and against training seconds (evaluation time excluded)."""
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)
     n_train = case.tokens // case.batch * case.batch
@@ -196,42 +208,98 @@ def run_case(case: Case) -> dict:
     x = x.to(device)
     train, x_eval = x[:n_train], x[n_train:]
     torch.manual_seed(case.seed)
-    k_aux = min(512, case.d_in // 2 * 2)
     n_steps = n_train // case.batch
-    sae = build(case, k_aux, n_steps).to(device)
+    sae = build(case, case.k_aux or default_k_aux(case.d_in), n_steps).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
-    # other libraries train with their own optimiser and no clipping (their recommended settings)
-    optimizer = sae.make_optimizer() if case.impl in EXTERNAL else make_optimizer(sae.parameters(), case.lr)
-    grad_clip = None if case.impl in EXTERNAL else GRAD_CLIP
+    timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,
+                       evaluate=lambda: best_quality(sae, x_eval, features))
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {**case.__dict__, "steps": n_steps, **timing, "peak_memory_gib": peak / 2**30,
+            **encoder_matmul_floor(case, device), **timing["curve"][-1]}
+
+
+def default_k_aux(d_in: int) -> int:
+    """AuxK's latents: d_in rounded down to even, at most 512 (Gao et al.: about d_in / 2 and more is fine)."""
+    return min(512, d_in // 2 * 2)
+
+
+def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> dict:
+    """Train `sae` for n_steps on batch_at(step) ([batch, n_sources, d_in]) with case's recipe (ours
+    and the dense reference; another library with its own optimiser, schedule and no clipping, its
+    recommended settings). evaluate() -> quality dict, called every case.eval_every steps and at the
+    end, untimed. Returns tokens_per_s (median over timed segments), train_seconds and the curve."""
+    device = next(sae.parameters()).device
+    external = case.impl in EXTERNAL
+    optimizer = sae.make_optimizer() if external else make_optimizer(sae.parameters(), case.lr, case.beta2)
+    schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction)
+    grad_clip = None if external else GRAD_CLIP
     hardware = HardwareConfig(dtype=DType(case.dtype))
-    dead = DeadLatents(case.d_sae, window=max(1, n_train // 8), device=device)
+    dead = DeadLatents(sae.d_sae, window=max(1, n_steps * case.batch // 8), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    segments, started = [], None
+    clock = TrainingClock(device)
+    segments, segment_start, curve = [], None, []
     for step in range(n_steps):
         if step >= WARMUP_STEPS and (step - WARMUP_STEPS) % SEGMENT_STEPS == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            if started is not None:
-                segments.append(now - started)
-            started = now
-        batch = train[step * case.batch:(step + 1) * case.batch, None]
+            now = clock.seconds()
+            if segment_start is not None:
+                segments.append(now - segment_start)
+            segment_start = now
+        if not external:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, case.lr, n_steps, schedule)
+        batch = batch_at(step)
         coef = (sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps)
                 if case.impl in ("vanilla", "jumprelu") else 0.0)
         out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
-        dead.update(out, case.batch, step + 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if started is not None and (n_steps - WARMUP_STEPS) % SEGMENT_STEPS == 0:
-        segments.append(time.perf_counter() - started)
+        dead.update(out, len(batch), step + 1)
+        if case.eval_every and (step + 1) % case.eval_every == 0 and step + 1 < n_steps:
+            seconds = clock.seconds()
+            with clock.paused():
+                curve.append({"step": step + 1, "tokens": (step + 1) * len(batch), "seconds": seconds, **evaluate()})
+    end = clock.seconds()
+    if segment_start is not None and (n_steps - WARMUP_STEPS) % SEGMENT_STEPS == 0:
+        segments.append(end - segment_start)
     if not segments:
         raise ValueError(f"--tokens too small: need at least {(WARMUP_STEPS + SEGMENT_STEPS) * case.batch} tokens")
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {**case.__dict__, "steps": n_steps, "tokens_per_s": SEGMENT_STEPS * case.batch / statistics.median(segments),
-            "peak_memory_gib": peak / 2**30, **encoder_matmul_floor(case, device), **quality(sae, x_eval, features)}
+    curve.append({"step": n_steps, "tokens": n_steps * case.batch, "seconds": end, **evaluate()})
+    return {"tokens_per_s": SEGMENT_STEPS * case.batch / statistics.median(segments), "train_seconds": end,
+            "curve": curve}
+
+
+class TrainingClock:
+    """Seconds of training so far: wall clock with the evaluations taken out (CUDA: synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.excluded, self.start = device, 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.start - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+
+def best_quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dict:
+    """quality() of the SAE; for an optimiser that keeps several iterates (schedule-free), of the one
+    with the lowest FVU, named under "iterate". Leaves the SAE training."""
+    iterates = getattr(sae, "iterates", None)
+    if iterates is None:
+        result = quality(sae, x_eval, features)
+    else:
+        scored = [{**quality(sae, x_eval, features), "iterate": name} for name in iterates()]
+        result = min(scored, key=lambda r: r["fvu"])
+    sae.train()
+    return result
 
 
 def _worker(case: Case, queue) -> None:
@@ -299,6 +367,51 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def equal_time_table(results: list[dict]) -> str:
+    """Quality of every implementation at the training time the fastest one needed for all its tokens:
+    what a user with that much time gets from each (the last curve point within it)."""
+    lines = ["| size (d_in, d_sae, k) | impl | at seconds | tokens by then | FVU | recovered | iterate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for size in dict.fromkeys((r["d_in"], r["d_sae"], r["k"]) for r in results):
+        runs = [r for r in results if (r["d_in"], r["d_sae"], r["k"]) == size]
+        budget = min(r["curve"][-1]["seconds"] for r in runs)
+        for r in runs:
+            within = [point for point in r["curve"] if point["seconds"] <= budget * 1.001]
+            if not within:
+                lines.append(f"| {size} | {r['impl']} | {budget:.1f} | < {r['curve'][0]['tokens']:,} | - | - | - |")
+                continue
+            point = within[-1]
+            lines.append(f"| {size} | {r['impl']} | {budget:.1f} | {point['tokens']:,} | {point['fvu']:.4f} | "
+                         f"{point['recovered']:.1%} | {point.get('iterate', '-')} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: str) -> None:
+    """PNG: per size, FVU and recovered fraction against tokens and against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys((r["d_in"], r["d_sae"], r["k"]) for r in results))
+    figure, axes = plt.subplots(len(sizes), 4, figsize=(18, 3.6 * len(sizes)), squeeze=False)
+    for row, size in zip(axes, sizes):
+        for r in (r for r in results if (r["d_in"], r["d_sae"], r["k"]) == size):
+            curve = r["curve"]
+            for ax, (x_key, y_key) in zip(row, [("tokens", "fvu"), ("seconds", "fvu"),
+                                                ("tokens", "recovered"), ("seconds", "recovered")]):
+                ax.plot([p[x_key] for p in curve], [p[y_key] for p in curve], marker=".", label=r["impl"])
+                ax.set_xlabel("training tokens" if x_key == "tokens" else "training seconds (evaluation excluded)")
+                ax.set_ylabel("FVU (lower is better)" if y_key == "fvu" else "true features recovered (cos > 0.9)")
+                ax.set_title(f"(d_in, d_sae, k) = {size}", fontsize=9)
+                if y_key == "fvu":
+                    ax.set_yscale("log")
+        row[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     parts = [int(p) for p in text.split(",")]
     if len(parts) != 3 or min(parts) <= 0 or parts[2] > parts[1]:
@@ -322,7 +435,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jumprelu-coef", type=float, default=JUMPRELU_COEF, help="the JumpReLU SAE's L0 coefficient")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="measure quality every this many steps (untimed): curves against tokens and seconds")
+    parser.add_argument("--plot", default=None, help="write the quality curves here (PNG; needs --curve-every)")
     args = parser.parse_args(argv)
+    if args.plot and not args.curve_every:
+        parser.error("--plot needs --curve-every N (the steps between quality measurements)")
+    if args.curve_every < 0:
+        parser.error(f"--curve-every must be >= 0, got {args.curve_every}")
     impls = args.impls.split(",")
     unknown = set(impls) - set(IMPLEMENTATIONS) - set(EXTERNAL)
     if unknown:
@@ -334,11 +454,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for d_in, d_sae, k in args.sizes:
         for impl in impls:
             case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
-                        args.dtype, args.true_features, args.vanilla_coef, jumprelu_coef=args.jumprelu_coef)
+                        args.dtype, args.true_features, args.vanilla_coef, jumprelu_coef=args.jumprelu_coef,
+                        eval_every=args.curve_every)
             results.append(run_isolated(case))
             print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
                   f"FVU {results[-1]['fvu']:.4f}", flush=True)
     print(table(results))
+    if args.curve_every:
+        print(equal_time_table(results))
+    if args.plot:
+        plot_curves(results, args.plot)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

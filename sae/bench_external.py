@@ -86,9 +86,19 @@ class SparsifyTopK(nn.Module):
     def b_dec(self) -> torch.Tensor:
         return self.sae.b_dec
 
+    def iterates(self):
+        """Schedule-free keeps two iterates: the one gradients are taken at ("training") and the
+        average ("averaged", what its authors evaluate). Yields each name with the weights set to
+        it; ends on the training iterate, where training continues."""
+        if self.optimizer is None:
+            yield "training"
+            return
+        self.optimizer.eval()
+        yield "averaged"
+        self.optimizer.train()
+        yield "training"
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.optimizer is not None:
-            self.optimizer.eval()  # schedule-free: evaluate the averaged weights
         out = self.sae.encode(x[:, 0])
         top_acts, top_indices = out[0], out[1]
         return torch.zeros(len(x), self.d_sae, device=x.device).scatter_(1, top_indices, top_acts.float())
@@ -97,8 +107,6 @@ class SparsifyTopK(nn.Module):
         return self.sae.W_dec
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        if self.optimizer is not None:
-            self.optimizer.eval()
         return self.sae(x[:, 0]).sae_out
 
     def make_optimizer(self) -> torch.optim.Optimizer:

@@ -14,14 +14,14 @@ from sae.world import LOCAL, Collective
 DEAD_CHECK_EVERY = 10
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, beta2: float = 0.999) -> torch.optim.Optimizer:
     """AdamW without weight decay (Gao et al.'s recipe), fused where this torch build has it:
     8x faster than the per-tensor loop for a 16k x 512 SAE on one CPU thread (17 ms vs 132 ms)."""
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0.0)
 
 
 def optimisation_step(sae: SparseCoder, forward, optimizer: torch.optim.Optimizer, x: torch.Tensor,
