@@ -128,6 +128,7 @@ class Case:
     k_aux: int | None = None  # None: d_in rounded down to even, at most 512
     init_decoder_norm: float = 1.0
     beta2: float = 0.999
+    dead_window: int | None = None  # tokens without firing before AuxK takes a latent on; None: an 8th of the run
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -236,7 +237,7 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction)
     grad_clip = None if external else GRAD_CLIP
     hardware = HardwareConfig(dtype=DType(case.dtype))
-    dead = DeadLatents(sae.d_sae, window=max(1, n_steps * case.batch // 8), device=device)
+    dead = DeadLatents(sae.d_sae, window=case.dead_window or max(1, n_steps * case.batch // 8), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     clock = TrainingClock(device)

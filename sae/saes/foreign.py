@@ -117,7 +117,8 @@ def _from_saelens(cfg: dict, weights: dict, path: Path) -> SparseCoder:
     architecture, d_in, d_sae = cfg.get("architecture", "standard"), cfg["d_in"], cfg["d_sae"]
     unsupported = [key for key, ok in (("normalize_activations", cfg.get("normalize_activations", "none") == "none"),
                                        ("apply_b_dec_to_input", cfg.get("apply_b_dec_to_input", True)),
-                                       ("rescale_acts_by_decoder_norm", not cfg.get("rescale_acts_by_decoder_norm")))
+                                       ("rescale_acts_by_decoder_norm",
+                                        architecture == "topk" or not cfg.get("rescale_acts_by_decoder_norm")))
                    if not ok]
     if unsupported or architecture not in ("standard", "topk", "jumprelu"):
         raise UserInputError(f"{path}: SAELens architecture {architecture!r} with {unsupported or 'these settings'} "
@@ -129,8 +130,11 @@ def _from_saelens(cfg: dict, weights: dict, path: Path) -> SparseCoder:
         sae = JumpReLUSAE(JumpReLUSAEConfig(sparse_dim=d_sae), 1, d_in)
     else:
         sae = VanillaSAE(VanillaSAEConfig(sparse_dim=d_sae), 1, d_in)
-    state = {"W_enc": weights["W_enc"].t()[:, None], "W_dec": weights["W_dec"][:, None], "b_enc": weights["b_enc"],
-             "b_dec": weights["b_dec"][None]}
+    W_enc, W_dec, b_enc = weights["W_enc"].t(), weights["W_dec"], weights["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm"):  # TopK picks pre x ||W_dec_i|| and decodes with unit rows: fold it
+        norms = W_dec.float().norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+    state = {"W_enc": W_enc[:, None], "W_dec": W_dec[:, None], "b_enc": b_enc, "b_dec": weights["b_dec"][None]}
     if architecture == "jumprelu":
         threshold = weights["threshold"].float()
         if (threshold <= 0).any():  # ours keeps θ = exp(log θ) > 0; z > 0 at θ -> 0+ matches a ReLU gate

@@ -44,11 +44,14 @@ def perturbed(module, seed: int):
     return module
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "topk_rescaled", "jumprelu"])
 def test_we_load_a_saelens_sae_and_compute_its_codes(tmp_path, architecture):
+    """topk_rescaled: SAELens' TopK training default (pre-activations times decoder norms, decoded with
+    unit rows), folded into our weights on load."""
     saes = pytest.importorskip("sae_lens.saes")
     classes = {"standard": (saes.StandardSAE, saes.StandardSAEConfig, {}),
                "topk": (saes.TopKSAE, saes.TopKSAEConfig, {"k": 6}),
+               "topk_rescaled": (saes.TopKSAE, saes.TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
                "jumprelu": (saes.JumpReLUSAE, saes.JumpReLUSAEConfig, {})}
     sae_cls, cfg_cls, extra = classes[architecture]
     theirs = perturbed(sae_cls(cfg_cls(d_in=16, d_sae=48, **extra)), seed=1)

@@ -1,0 +1,6 @@
+"""Ours vs other libraries' TopK SAEs on real host activations (grokking host, ESM-2 stand-in): see sae/bench_real.py."""
+
+from sae.bench_real import main
+
+if __name__ == "__main__":
+    main()
