@@ -34,7 +34,8 @@ from torch import nn
 
 from sae.bench_external import EXTERNAL, build_external, external_available
 from sae.saes import build_sae
-from sae.saes.base import SAEOutput
+from sae.activations.batches import calibration_sample
+from sae.saes.base import SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAEConfig
 from sae.saes.jumprelu import JumpReLUSAEConfig
 from sae.saes.matryoshka import MatryoshkaSAEConfig
@@ -213,6 +214,8 @@ def run_case(case: Case) -> dict:
     sae = build(case, case.k_aux or default_k_aux(case.d_in), n_steps).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
+    if isinstance(sae, SparseCoder):  # ours: the job's data-dependent initialisation (JumpReLU's θ)
+        sae.init_from_data(calibration_sample(train[:, None]))
     timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,
                        evaluate=lambda: best_quality(sae, x_eval, features))
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"

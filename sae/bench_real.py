@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sae.activations import load_activations
-from sae.activations.batches import column_mean
+from sae.activations.batches import calibration_sample, column_mean
 from sae.bench import Case, train_sae
 from sae.bench_external import EXTERNAL, build_external, external_available
 from sae.metrics.evaluate import evaluate
@@ -62,6 +62,8 @@ def train_one(impl: str, cfg, data, steps: int, seed: int):
     sae = build_external(impl, d_in, case.d_sae, case.k, "cpu") if impl in EXTERNAL else build_sae(cfg.sae, n_sources, d_in)
     with torch.no_grad():
         sae.b_dec.copy_(column_mean(data.train).view_as(sae.b_dec))
+    if impl not in EXTERNAL:
+        sae.init_from_data(calibration_sample(data.train))
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randint(len(data.train), (cfg.batch_size,), generator=generator) for _ in range(steps)]
     timing = train_sae(sae, case, lambda step: data.train[batches[step]], steps, evaluate=dict)

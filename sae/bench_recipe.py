@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=819_200)
     parser.add_argument("--true-features", type=float, default=0.5, help="ground-truth features per latent")
-    parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka"])
+    parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "sparsify", "saelens"],
+                        help="sparsify, saelens: their own recipe (no --vary), for a reference row over the same seeds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write every run here")
     args = parser.parse_args(argv)

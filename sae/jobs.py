@@ -23,7 +23,7 @@ from sae.saes.base import WEIGHTS_FORMAT, SparseCoder, total_variance
 from sae.activations import Activations, check_inputs, load_activations
 from sae.run_lock import exclusive_dir
 from sae.tracking import NullTracker, check_tracking, make_tracker, truncate_jsonl
-from sae.activations.batches import BatchStream, ShardedTable, column_mean
+from sae.activations.batches import BatchStream, ShardedTable, calibration_sample, column_mean
 from sae.training.checkpoint import (Resume, newest_valid_checkpoint, non_finite_tensor,
                                      remove_stale_checkpoint_temps, save_sae_checkpoint)
 from sae.hardware import apply_threads, host_dtype
@@ -197,6 +197,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, n_sources, d_in).to(device)  # the whole dictionary on every rank: same init
     sae.init_b_dec(column_mean(data.train).to(device))
+    sae.init_from_data(calibration_sample(data.train).to(device))  # JumpReLU: θ from the data
     forward = spread(sae, rows, shards)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)

@@ -57,6 +57,16 @@ class ShardedTable:
         return self[torch.arange(min(n, len(self)))]
 
 
+CALIBRATION_ROWS = 4096
+
+
+def calibration_sample(table: torch.Tensor | ShardedTable, n: int = CALIBRATION_ROWS) -> torch.Tensor:
+    """n rows of the table drawn without replacement by a fixed generator (the same rows on every
+    rank and every run of this table), in table order; for data-dependent initialisation."""
+    rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return table[rows]
+
+
 def column_mean(table: torch.Tensor | ShardedTable) -> torch.Tensor:
     """[n_sources, d_in] mean row; one streaming pass (float64 sums) for a sharded table."""
     if isinstance(table, torch.Tensor):

@@ -232,6 +232,11 @@ class SparseCoder(nn.Module):
         self.b_dec.copy_(mean)
 
     @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """Initialisation that needs data besides b_dec (after init_b_dec); sample: [rows, n_sources,
+        d_in] training rows, normalised as training sees them. Nothing for most architectures."""
+
+    @torch.no_grad()
     def fold_input_scale(self, scale: torch.Tensor) -> None:
         """Absorb a per-source input scale c_s (the model saw c_s * x_s) so it takes raw x_s."""
         self.W_enc.mul_(scale[None, :, None])

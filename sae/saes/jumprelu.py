@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,7 +31,12 @@ class JumpReLUSAEConfig(SAEConfig):
     sparsity_coef: float = 0.1  # λ on the L0 norm
     sparsity_warmup_steps: int = 500
     bandwidth: float = 0.05  # ε of the rectangle kernel
-    init_threshold: float = 0.05  # θ at initialisation, every latent
+    init_threshold: float = 0.05  # θ at initialisation, every latent (when init_l0 is null)
+    # θ_i at initialisation from the data: latent i's pre-activation quantile at which it fires on
+    # init_l0 / sparse_dim of a sample of rows, so the run starts at L0 ~ init_l0 (null: init_threshold).
+    # Adam moves log θ by about lr per step, so from a fixed θ0 a short run cannot reach the scale
+    # λ asks for (docs/recipe.md has what each gives; neither is a tuned default yet).
+    init_l0: Optional[float] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,6 +44,11 @@ class JumpReLUSAEConfig(SAEConfig):
             raise ValueError(f"sae.bandwidth must be > 0, got {self.bandwidth}")
         if self.init_threshold <= 0:
             raise ValueError(f"sae.init_threshold must be > 0, got {self.init_threshold}")
+        if self.init_l0 is not None and not 0 < self.init_l0 <= self.sparse_dim:
+            raise ValueError(f"sae.init_l0 must be in (0, sae.sparse_dim={self.sparse_dim}] or null, got {self.init_l0}")
+
+
+CALIBRATION_LATENTS = 4096  # latents per chunk when calibrating θ (bounds the [rows, latents] buffer)
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -83,6 +94,25 @@ class JumpReLUSAE(UnitNormDecoder, SparseCoder):
 
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """θ_i halfway between latent i's m-th and (m+1)-th largest pre-activation on `sample` (rows of
+        the normalised training table), m = len(sample) x init_l0 / d_sae: latent i fires on m rows.
+        Floored at 1e-3 so θ stays positive."""
+        if self.cfg.init_l0 is None:
+            return
+        fires_on = max(1, round(len(sample) * self.cfg.init_l0 / self.d_sae))  # rows per latent
+        centred = (sample - self.b_dec).flatten(1)
+        for start in range(0, self.d_sae, CALIBRATION_LATENTS):
+            stop = min(self.d_sae, start + CALIBRATION_LATENTS)
+            pre = torch.addmm(self.b_enc[start:stop], centred, self.W_enc[start:stop].flatten(1).t())
+            if fires_on < len(sample):
+                top = pre.topk(fires_on + 1, dim=0).values
+                theta = (top[-2] + top[-1]) / 2
+            else:
+                theta = pre.amin(dim=0) - 1.0
+            self.log_threshold[start:stop] = theta.clamp_min(1e-3).log()
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(pre, self.threshold(), self.cfg.bandwidth)

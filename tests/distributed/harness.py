@@ -16,7 +16,7 @@ from sae.parallel.latents import full_optimizer_state, full_sae_state
 from sae.saes import build_sae
 from sae.saes.base import SAEConfig
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
-from sae.activations.batches import BatchStream
+from sae.activations.batches import BatchStream, calibration_sample
 from sae.world import LOCAL, World
 
 D_IN, ROWS = 16, 4096
@@ -38,6 +38,7 @@ def train_steps(sae_cfg: SAEConfig, steps: int, batch_size: int, group=LOCAL, pa
     torch.manual_seed(0)
     sae = build_sae(sae_cfg, 1, D_IN).double()
     sae.init_b_dec(table.mean(dim=0))
+    sae.init_from_data(calibration_sample(table))
     forward = spread(sae, rows, shards)
     optimizer = make_optimizer(sae.parameters(), lr=3e-3)
     dead = DeadLatents(sae.d_sae, sae_cfg.dead_window, "cpu", rows, shards)

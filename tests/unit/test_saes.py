@@ -445,6 +445,28 @@ def test_jumprelu_matches_the_papers_estimators_written_out(n_sources):
     assert out.sparsity.item() == (pre > theta).sum(dim=1).float().mean().item()
 
 
+@pytest.mark.parametrize("n_sources", [1, 2])
+def test_jumprelu_init_l0_sets_each_threshold_so_the_sample_has_that_l0(n_sources, monkeypatch):
+    import sae.saes.jumprelu as jumprelu
+    from sae.activations.batches import calibration_sample
+
+    monkeypatch.setattr(jumprelu, "CALIBRATION_LATENTS", 7)  # several latent chunks, one of them partial
+    sae = random_sae(jumprelu.JumpReLUSAEConfig(sparse_dim=24, init_l0=6), n_sources=n_sources, d_in=5, seed=2)
+    table = torch.randn(1000, n_sources, 5) + 0.5
+    sample = calibration_sample(table, n=400)
+    assert len(sample) == 400 and torch.equal(sample, calibration_sample(table, n=400))  # same rows every time
+    sae.init_from_data(sample)
+    fires = (sae.pre_activations(sample) > sae.threshold()).float()
+    # each latent fires on 400 x 6/24 = 100 rows, except where the floor θ >= 1e-3 binds
+    floored = sae.threshold() <= 1e-3 + 1e-9
+    assert (fires.sum(dim=0)[~floored] == 100).all() and floored.sum() < 24
+    assert fires.sum(dim=1).mean().item() == pytest.approx(6, abs=0.5)
+    untouched = random_sae(jumprelu.JumpReLUSAEConfig(sparse_dim=24), n_sources=n_sources, d_in=5, seed=2)
+    before = untouched.log_threshold.clone()
+    untouched.init_from_data(sample)  # init_l0 null: θ stays as initialised
+    assert torch.equal(untouched.log_threshold, before)
+
+
 # -- Matryoshka ------------------------------------------------------------------------------------
 
 def test_matryoshka_loss_is_the_mean_of_each_prefix_reconstructing_alone():
