@@ -125,6 +125,7 @@ class Case:
     # the recipe (ours and the dense reference; other libraries keep their own): scheduler.* and sae.* keys
     schedule: str = "constant"
     warmup_fraction: float = 0.0
+    min_lr_ratio: float = 0.0  # where linear_decay / cosine end, as a fraction of lr
     aux_coef: float = 1 / 32
     k_aux: int | None = None  # None: d_in rounded down to even, at most 512
     init_decoder_norm: float = 1.0
@@ -237,7 +238,8 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     device = next(sae.parameters()).device
     external = case.impl in EXTERNAL
     optimizer = sae.make_optimizer() if external else make_optimizer(sae.parameters(), case.lr, case.beta2)
-    schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction)
+    schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
+                               min_lr_ratio=case.min_lr_ratio)
     grad_clip = None if external else GRAD_CLIP
     hardware = HardwareConfig(dtype=DType(case.dtype))
     dead = DeadLatents(sae.d_sae, window=case.dead_window or max(1, n_steps * case.batch // 8), device=device)

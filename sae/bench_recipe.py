@@ -22,7 +22,8 @@ from sae.bench import Case, parse_size, run_case
 
 # what the study may vary, with the type of its values
 KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
-         "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int}
+         "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
+         "min_lr_ratio": float}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
 
 
