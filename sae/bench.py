@@ -364,10 +364,12 @@ def table(results: list[dict]) -> str:
     for r in results:
         size = (r["d_in"], r["d_sae"], r["k"])
         ratio = f"{r['tokens_per_s'] / dense[size]:.2f}x" if size in dense else "-"
+        fresh, reused = r["floor_fresh_tokens_per_s"], r["floor_reused_tokens_per_s"]
         lines.append(f"| {size} | {r['impl']} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{r['tokens_per_s'] / r['floor_fresh_tokens_per_s']:.0%} of {r['floor_fresh_tokens_per_s']:,.0f} / "
-                     f"{r['tokens_per_s'] / r['floor_reused_tokens_per_s']:.0%} of {r['floor_reused_tokens_per_s']:,.0f} "
-                     f"({r['gemm_fresh_gflops']:.0f} / {r['gemm_reused_gflops']:.0f} GFLOP/s) | {r['peak_memory_gib']:.2f} | "
+                     f"{r['tokens_per_s'] / fresh:.0%} of {fresh:,.0f} / "
+                     f"{r['tokens_per_s'] / reused:.0%} of {reused:,.0f} "
+                     f"({r['gemm_fresh_gflops']:.0f} / {r['gemm_reused_gflops']:.0f} GFLOP/s) | "
+                     f"{r['peak_memory_gib']:.2f} | "
                      f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | {r['mean_max_cos']:.3f} | "
                      f"{r['recovered']:.1%} |")
     return "\n".join(lines)

@@ -59,7 +59,10 @@ def train_one(impl: str, cfg, data, steps: int, seed: int):
     case = Case(impl, d_in, cfg.sae.sparse_dim, cfg.sae.k, cfg.batch_size, cfg.batch_size * steps, cfg.lr, "cpu",
                 torch.get_num_threads(), "float32", schedule=cfg.scheduler.name.value,
                 warmup_fraction=cfg.scheduler.warmup_fraction)
-    sae = build_external(impl, d_in, case.d_sae, case.k, "cpu") if impl in EXTERNAL else build_sae(cfg.sae, n_sources, d_in)
+    if impl in EXTERNAL:
+        sae = build_external(impl, d_in, case.d_sae, case.k, "cpu")
+    else:
+        sae = build_sae(cfg.sae, n_sources, d_in)
     with torch.no_grad():
         sae.b_dec.copy_(column_mean(data.train).view_as(sae.b_dec))
     if impl not in EXTERNAL:

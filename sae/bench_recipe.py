@@ -25,6 +25,7 @@ KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": flo
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
          "min_lr_ratio": float}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
+FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f"}
 
 
 def parse_vary(text: str) -> tuple[str, list]:
@@ -34,7 +35,8 @@ def parse_vary(text: str) -> tuple[str, list]:
     try:
         return key, [KNOBS[key](v) for v in values.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--vary {key}: values must be {KNOBS[key].__name__}, got '{values}'") from None
+        raise argparse.ArgumentTypeError(
+            f"--vary {key}: values must be {KNOBS[key].__name__}, got '{values}'") from None
 
 
 def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:
@@ -45,27 +47,36 @@ def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:
     return out
 
 
-def summarise(results: list[dict], base: dict) -> str:
+def summarise(results: list[dict]) -> str:
     """Markdown: one row per (size, recipe), mean ± sd over seeds, paired p-value on FVU vs the base."""
-    lines = ["| size (d_in, d_sae, k) | recipe | seeds | FVU | recovered | dead | L0 | p (FVU vs base) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| size (d_in, d_sae, k) | recipe | seeds | FVU | recovered | dead | L0 | mean max cos "
+             "| p (FVU vs base) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["d_in"], r["d_sae"], r["k"], r["recipe"]), []).append(r)
     for (d_in, d_sae, k, recipe), runs in groups.items():
         base_runs = {r["seed"]: r for r in groups[(d_in, d_sae, k, "base")]}
-        cells = [_mean_sd([r[m] for r in runs], percent=m in ("recovered", "dead_frac")) for m in METRICS[:4]]
+        cells = [_mean_sd([r[m] for r in runs], FORMATS[m]) for m in METRICS]
         pairs = [(r["fvu"], base_runs[r["seed"]]["fvu"]) for r in runs if r["seed"] in base_runs]
-        p = "-" if recipe == "base" or len(pairs) < 2 else f"{stats.ttest_rel(*zip(*pairs)).pvalue:.3g}"
+        p = "-" if recipe == "base" or len(pairs) < 2 else _paired_p(pairs)
         lines.append(f"| {(d_in, d_sae, k)} | {recipe} | {len(runs)} | {' | '.join(cells)} | {p} |")
     return "\n".join(lines)
 
 
-def _mean_sd(values: list[float], percent: bool) -> str:
-    scale, unit = (100, "%") if percent else (1, "")
+def _paired_p(pairs: list[tuple[float, float]]) -> str:
+    """Paired t-test p-value; '= base' when every seed gave the base's value exactly (no test)."""
+    if all(a == b for a, b in pairs):
+        return "= base"
+    return f"{stats.ttest_rel(*zip(*pairs)).pvalue:.3g}"
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    percent = fmt == "%"
+    scale = 100 if percent else 1
     mean = statistics.fmean(values) * scale
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.3g}{unit} ± {sd:.2g}" if percent else f"{mean:.4f} ± {sd:.4f}"
+    return f"{mean:.3g}% ± {sd:.2g}" if percent else f"{mean:{fmt}} ± {sd:{fmt}}"
 
 
 def describe(recipe: dict, base: dict) -> str:
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(result)
                 print(f"{(d_in, d_sae, k)} {result['recipe']:28s} seed {seed}: FVU {result['fvu']:.4f} "
                       f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%}", flush=True)
-    print(summarise(results, base))
+    print(summarise(results))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

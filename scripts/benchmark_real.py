@@ -1,4 +1,4 @@
-"""Ours vs other libraries' TopK SAEs on real host activations (grokking host, ESM-2 stand-in): see sae/bench_real.py."""
+"""Ours vs other libraries' TopK SAEs on real host activations (grokking, ESM-2 stand-in): see sae/bench_real.py."""
 
 from sae.bench_real import main
 

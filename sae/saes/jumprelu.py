@@ -45,7 +45,8 @@ class JumpReLUSAEConfig(SAEConfig):
         if self.init_threshold <= 0:
             raise ValueError(f"sae.init_threshold must be > 0, got {self.init_threshold}")
         if self.init_l0 is not None and not 0 < self.init_l0 <= self.sparse_dim:
-            raise ValueError(f"sae.init_l0 must be in (0, sae.sparse_dim={self.sparse_dim}] or null, got {self.init_l0}")
+            raise ValueError(f"sae.init_l0 must be in (0, sae.sparse_dim={self.sparse_dim}] or null, "
+                             f"got {self.init_l0}")
 
 
 CALIBRATION_LATENTS = 4096  # latents per chunk when calibrating θ (bounds the [rows, latents] buffer)

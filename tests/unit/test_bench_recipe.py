@@ -25,9 +25,11 @@ def test_summary_pairs_seeds_with_the_base_and_gives_a_p_value():
         for recipe, fvu in (("base", base_fvu), ("lr=0.004", other_fvu)):
             rows.append(dict(d_in=8, d_sae=32, k=2, recipe=recipe, seed=seed, fvu=fvu, recovered=1.0,
                              dead_frac=0.0, l0=2.0, mean_max_cos=1.0))
-    table = summarise(rows, base={})
+    table = summarise(rows)
     base_row, other_row = table.splitlines()[2:]
     assert "| base | 3 | 0.2000 ± 0.0100 |" in base_row and base_row.endswith("| - |")
+    identical = summarise([{**row, "recipe": "same"} for row in rows if row["recipe"] == "base"] + rows)
+    assert "= base" in identical.splitlines()[2]
     p = float(other_row.rstrip(" |").rsplit("|", 1)[1])
     assert 0 < p < 0.01  # consistently lower by ~0.1 against a spread of ~0.01
 

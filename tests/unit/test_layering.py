@@ -17,7 +17,8 @@ LAYERS = [
     {"config"},
     {"jobs", "slurm_preflight"},
     {"launch", "bench", "bench_parallel"},
-    {"analysis"},
+    {"analysis", "bench_recipe"},
+    {"bench_real"},  # composes configs with sae.analysis.runs
     {"__init__"},
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
