@@ -58,7 +58,7 @@ def test_every_library_on_the_esm2_stand_in(tmp_path, tiny_esm2_files, monkeypat
 
 @pytest.mark.parametrize("argv, message", [
     (["--impls", "topk,sae_vis"], "unknown ['sae_vis']"),
-    (["--steps", "3"], "--steps must be >= 8"),
+    (["--impls", "topk", "--steps", "3"], "--steps must be >= 8"),
     (["--host", "grokking", "--impls", "topk", "sae=vanilla"], "sae=vanilla"),
 ])
 def test_bad_arguments_are_refused_before_any_training(argv, message, capsys, tmp_path):
