@@ -59,53 +59,66 @@ if numba is not None:
         for p in range(k // 2 - 1, -1, -1):
             _sift_down(heap_values, heap_indices, k, p)
 
-    @numba.njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
-    def _topk_rows(pre, k, n_groups, out_values, out_indices, complete):
-        rows, n = pre.shape
+    @numba.njit(inline="always", fastmath=_FASTMATH)
+    def _topk_row(row, k, n_groups, group_max, values, indices):
+        """values, indices <- row's k largest entries; False if the row needs torch.topk (NaN, or
+        fewer than k entries reached tau, which cannot happen without NaN)."""
+        n = len(row)
         whole = n - n % n_groups
-        maxima = np.empty((rows, n_groups), pre.dtype)
-        for r in numba.prange(rows):
-            row, group_max = pre[r], maxima[r]
-            values, indices = out_values[r], out_indices[r]
-            group_max[:] = row[:n_groups]
-            for start in range(n_groups, whole, n_groups):
-                np.maximum(group_max, row[start:start + n_groups], group_max)
-            for j in range(whole, n):
-                if row[j] > group_max[j - whole]:
-                    group_max[j - whole] = row[j]
-            has_nan = False  # np.maximum propagates NaN into its group's maximum
-            for q in range(n_groups):
-                has_nan |= group_max[q] != group_max[q]
-            # tau: the k-th largest group maximum
-            for q in range(k):
-                values[q] = group_max[q]
-                indices[q] = q
-            _heapify(values, indices, k)
-            for q in range(k, n_groups):
-                if group_max[q] > values[0]:
-                    values[0] = group_max[q]
-                    indices[0] = q
-                    _sift_down(values, indices, k, 0)
-            tau = values[0]
-            found = 0
-            for q in range(n_groups):
-                if not group_max[q] >= tau:
+        group_max[:] = row[:n_groups]
+        for start in range(n_groups, whole, n_groups):
+            np.maximum(group_max, row[start:start + n_groups], group_max)
+        for j in range(whole, n):
+            if row[j] > group_max[j - whole]:
+                group_max[j - whole] = row[j]
+        has_nan = False  # np.maximum propagates NaN into its group's maximum
+        for q in range(n_groups):
+            has_nan |= group_max[q] != group_max[q]
+        # tau: the k-th largest group maximum
+        for q in range(k):
+            values[q] = group_max[q]
+            indices[q] = q
+        _heapify(values, indices, k)
+        for q in range(k, n_groups):
+            if group_max[q] > values[0]:
+                values[0] = group_max[q]
+                indices[0] = q
+                _sift_down(values, indices, k, 0)
+        tau = values[0]
+        found = 0
+        for q in range(n_groups):
+            if not group_max[q] >= tau:
+                continue
+            for j in range(q, n, n_groups):
+                value = row[j]
+                if not value >= tau:
                     continue
-                for j in range(q, n, n_groups):
-                    value = row[j]
-                    if not value >= tau:
-                        continue
-                    if found < k:
-                        values[found] = value
-                        indices[found] = j
-                        if found == k - 1:
-                            _heapify(values, indices, k)
-                    elif value > values[0]:
-                        values[0] = value
-                        indices[0] = j
-                        _sift_down(values, indices, k, 0)
-                    found += 1
-            complete[r] = found >= k and not has_nan
+                if found < k:
+                    values[found] = value
+                    indices[found] = j
+                    if found == k - 1:
+                        _heapify(values, indices, k)
+                elif value > values[0]:
+                    values[0] = value
+                    indices[0] = j
+                    _sift_down(values, indices, k, 0)
+                found += 1
+        return found >= k and not has_nan
+
+    # Two builds of the row loop. The parallel one starts an OpenMP pool whose idle threads spin:
+    # with one torch thread per process (SLURM tasks, notebooks side by side) they took the other
+    # processes' cores, and small runs went 10x slower. One torch thread takes the serial build.
+    @numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
+    def _topk_rows_serial(pre, k, n_groups, out_values, out_indices, complete):
+        maxima = np.empty(n_groups, pre.dtype)
+        for r in range(len(pre)):
+            complete[r] = _topk_row(pre[r], k, n_groups, maxima, out_values[r], out_indices[r])
+
+    @numba.njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
+    def _topk_rows_parallel(pre, k, n_groups, out_values, out_indices, complete):
+        maxima = np.empty((len(pre), n_groups), pre.dtype)
+        for r in numba.prange(len(pre)):
+            complete[r] = _topk_row(pre[r], k, n_groups, maxima[r], out_values[r], out_indices[r])
 
 
 def kernel_applies(pre: torch.Tensor, k: int) -> bool:
@@ -125,16 +138,18 @@ def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(len(pre), k, dtype=pre.dtype)
     indices = torch.empty(len(pre), k, dtype=torch.long)
     complete = torch.empty(len(pre), dtype=torch.bool)
-    _match_threads()
-    _topk_rows(pre.numpy(), k, group_count(pre.shape[1], k), values.numpy(), indices.numpy(), complete.numpy())
+    _kernel()(pre.numpy(), k, group_count(pre.shape[1], k), values.numpy(), indices.numpy(), complete.numpy())
     broken = torch.nonzero(~complete).flatten()  # CPU only: this sync costs nothing
     if broken.numel():
         values[broken], indices[broken] = pre[broken].topk(k, dim=-1, sorted=False)
     return values, indices
 
 
-def _match_threads() -> None:
-    """The kernel uses as many threads as torch (hardware.threads sets torch's)."""
+def _kernel():
+    """The build for torch's thread count (hardware.threads sets it), with as many threads as torch."""
     wanted = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if wanted == 1:
+        return _topk_rows_serial
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+    return _topk_rows_parallel

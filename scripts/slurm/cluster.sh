@@ -3,11 +3,14 @@
 # slurmd), started as root without systemd, for trying sweeps locally and for the `slurm` tests.
 #
 #   bash scripts/slurm/cluster.sh start    # install Debian packages if missing, configure, start (idempotent)
+#   bash scripts/slurm/cluster.sh start --fresh  # the same, then cancel every job left from earlier runs (CI)
 #   bash scripts/slurm/cluster.sh stop     # stop the daemons it started, by the PIDs in their pidfiles
 #   bash scripts/slurm/cluster.sh status
 #
 # Why accounting: without slurmdbd, `sacct` fails, and submitit cannot learn the fate of a job
 # that died without writing its result (scancel, node failure); a multirun then waits forever.
+# Why --fresh: slurmctld keeps its jobs across restarts (StateSaveLocation). A test run stopped
+# midway leaves its jobs there; restarted, they hold the node and every new job pends behind them.
 # Why DefMemPerCPU: a job that asks for no memory would otherwise reserve the whole node, and
 # jobs would run one at a time. No cgroups here: jobs are not pinned to cores, so the training
 # code sets torch threads from SLURM_CPUS_PER_TASK.
@@ -49,12 +52,16 @@ stop_daemon() {  # stop_daemon PIDFILE COMM
 DAEMONS=("/run/slurmd.pid slurmd" "/run/slurmctld.pid slurmctld" "/run/slurmdbd.pid slurmdbd"
          "/run/mysqld/mysqld.pid mariadbd" "/run/munge/munged.pid munged")
 
+FRESH=0
+[[ "${2:-}" == "--fresh" ]] && FRESH=1
+[[ -z "${2:-}" || "$FRESH" == 1 ]] || { echo "usage: $0 start [--fresh] | stop | status" >&2; exit 2; }
+
 case "${1:-start}" in
   stop) for d in "${DAEMONS[@]}"; do stop_daemon $d; done; exit 0 ;;
   status) for d in "${DAEMONS[@]}"; do set -- $d; alive "$1" "$2" && echo "$2 up" || echo "$2 down"; done
           sinfo 2>/dev/null || true; exit 0 ;;
   start) ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--fresh] | stop | status" >&2; exit 2 ;;
 esac
 
 [[ $EUID -eq 0 ]] || { echo "cluster.sh must run as root (it installs packages and starts daemons)" >&2; exit 1; }
@@ -165,10 +172,19 @@ if ! wait_until 30 "node $NODE" bash -c "$(declare -f node_ready); NODE=$NODE no
   wait_until 30 "node $NODE after resume" bash -c "$(declare -f node_ready); NODE=$NODE node_ready"
 fi
 
-# 7. smoke test: one job runs and is accounted for
+# 7. --fresh: no job left from an earlier run (a recovered one may hold the node for good)
+if ((FRESH)) && [[ -n "$(squeue -h -o %i)" ]]; then
+  say "cancelling jobs left from earlier runs: $(squeue -h -o %i | tr '\n' ' ')"
+  squeue -h -o %i | xargs -r scancel
+  wait_until 90 "the queue to empty" bash -c '[[ -z $(squeue -h) ]]'
+fi
+
+# 8. smoke test: one job runs and is accounted for
 out="$(mktemp)"
 job=$(sbatch --parsable -o "$out" --wrap hostname)
-wait_until 60 "smoke job $job" bash -c "[[ -z \$(squeue -h -j $job) ]]"
+if ! wait_until 60 "smoke job $job" bash -c "[[ -z \$(squeue -h -j $job) ]]"; then
+  say "the queue (jobs left from an earlier run? try: $0 start --fresh):"; squeue >&2; exit 1
+fi
 [[ "$(cat "$out")" == "$(hostname)" ]] || { say "smoke job $job failed: $(cat "$out")"; exit 1; }
 rm -f "$out"
 wait_until 30 "sacct record of $job" bash -c "sacct -n -X -j $job -o State | grep -q COMPLETED"

@@ -9,6 +9,22 @@ from sae.saes.row_topk import group_count, kernel_applies, row_topk
 pytestmark = pytest.mark.skipif(row_topk_module.numba is None, reason="numba not installed")
 
 
+@pytest.fixture(autouse=True, params=[1, 2], ids=["1 thread", "2 threads"])
+def torch_threads(request):
+    """Every test on both builds of the kernel: one torch thread takes the serial build, more the parallel."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_one_thread_takes_the_serial_build(torch_threads):
+    """A parallel build at one thread starts numba's OpenMP pool, whose spinning idle threads took
+    other processes' cores (two 1-thread SLURM tasks ran 10x slower)."""
+    serial = row_topk_module._kernel() is row_topk_module._topk_rows_serial
+    assert serial == (torch_threads == 1)
+
+
 def assert_selects_the_top_k(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
     expected = pre.topk(k, dim=1).values  # sorted, descending
     assert torch.equal(values.sort(dim=1, descending=True).values, expected)
