@@ -43,6 +43,8 @@ from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
 from sae.training.schedules import Schedule, SchedulerConfig, lr_at, sparsity_coef_at
+from sae.training import signum
+from sae.training.signum import schedule_free_signum
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
@@ -130,6 +132,7 @@ class Case:
     k_aux: int | None = None  # None: d_in rounded down to even, at most 512
     init_decoder_norm: float = 1.0
     beta2: float = 0.999
+    optimizer: str = "adam"  # or "signum": SignSGD under schedule-free averaging, sparsify's (sae/training/signum.py)
     dead_window: int | None = None  # tokens without firing before AuxK takes a latent on; None: an 8th of the run
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
@@ -237,7 +240,7 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     end, untimed. Returns tokens_per_s (median over timed segments), train_seconds and the curve."""
     device = next(sae.parameters()).device
     external = case.impl in EXTERNAL
-    optimizer = sae.make_optimizer() if external else make_optimizer(sae.parameters(), case.lr, case.beta2)
+    optimizer = sae.make_optimizer() if external else study_optimizer(sae, case)
     schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
                                min_lr_ratio=case.min_lr_ratio)
     grad_clip = None if external else GRAD_CLIP
@@ -273,6 +276,16 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     curve.append({"step": n_steps, "tokens": n_steps * case.batch, "seconds": end, **evaluate()})
     return {"tokens_per_s": SEGMENT_STEPS * case.batch / statistics.median(segments), "train_seconds": end,
             "curve": curve}
+
+
+def study_optimizer(sae: nn.Module, case: Case) -> torch.optim.Optimizer:
+    """Ours and the dense reference: AdamW (the trainer's), or schedule-free Signum, whose two
+    iterates best_quality then scores (as sparsify's)."""
+    if case.optimizer == "signum":
+        optimizer = schedule_free_signum(sae.parameters(), case.lr)
+        sae.iterates = lambda: signum.iterates(optimizer)
+        return optimizer
+    return make_optimizer(sae.parameters(), case.lr, case.beta2)
 
 
 class TrainingClock:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sae.saes.base import SAEOutput
+from sae.training import signum
 
 EXTERNAL = ("saelens", "sparsify")
 
@@ -87,16 +88,8 @@ class SparsifyTopK(nn.Module):
         return self.sae.b_dec
 
     def iterates(self):
-        """Schedule-free keeps two iterates: the one gradients are taken at ("training") and the
-        average ("averaged", what its authors evaluate). Yields each name with the weights set to
-        it; ends on the training iterate, where training continues."""
-        if self.optimizer is None:
-            yield "training"
-            return
-        self.optimizer.eval()
-        yield "averaged"
-        self.optimizer.train()
-        yield "training"
+        """Each of schedule-free's iterates in turn (sae.training.signum.iterates)."""
+        return signum.iterates(self.optimizer)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         out = self.sae.encode(x[:, 0])

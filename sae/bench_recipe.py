@@ -19,11 +19,13 @@ import statistics
 from scipy import stats
 
 from sae.bench import Case, parse_size, run_case
+from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
 KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
-         "min_lr_ratio": float}
+         "min_lr_ratio": float, "optimizer": str}
+CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"]}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
 FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f"}
 
@@ -33,10 +35,14 @@ def parse_vary(text: str) -> tuple[str, list]:
     if key not in KNOBS or not values:
         raise argparse.ArgumentTypeError(f"--vary takes knob=v1,v2,... with knob one of {sorted(KNOBS)}, got '{text}'")
     try:
-        return key, [KNOBS[key](v) for v in values.split(",")]
+        parsed = [KNOBS[key](v) for v in values.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--vary {key}: values must be {KNOBS[key].__name__}, got '{values}'") from None
+    wrong = [v for v in parsed if key in CHOICES and v not in CHOICES[key]]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"--vary {key}: values must be among {CHOICES[key]}, got '{wrong[0]}'")
+    return key, parsed
 
 
 def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:

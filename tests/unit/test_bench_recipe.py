@@ -13,7 +13,9 @@ def test_each_recipe_changes_one_knob_of_the_base():
     assert made == [base, {**base, "lr": 0.001}, {**base, "lr": 0.004}, {**base, "schedule": "linear_decay"}]
 
 
-@pytest.mark.parametrize("text, message", [("lrr=0.1", "knob one of"), ("lr=fast", "must be float"), ("lr=", "knob")])
+@pytest.mark.parametrize("text, message", [("lrr=0.1", "knob one of"), ("lr=fast", "must be float"), ("lr=", "knob"),
+                                           ("optimizer=adam,sgd", r"among \['adam', 'signum'\], got 'sgd'"),
+                                           ("schedule=step", "among .*'linear_decay'.*got 'step'")])
 def test_bad_vary_is_refused_with_the_allowed_knobs(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse_vary(text)
@@ -40,3 +42,11 @@ def test_study_runs_every_recipe_at_every_seed(capsys):
     assert [(r["recipe"], r["seed"]) for r in results] == [("base", 0), ("base", 1), ("lr=0.004", 0), ("lr=0.004", 1)]
     assert all(r["schedule"] == "linear_decay" for r in results)
     assert "| (8, 32, 2) | lr=0.004 | 2 |" in capsys.readouterr().out
+
+
+def test_signum_runs_are_scored_at_their_better_iterate():
+    pytest.importorskip("schedulefree")
+    (base, signum), = [main(["--sizes", "8,32,2", "--tokens", str(256 * 12), "--seeds", "0", "--threads", "1",
+                             "--vary", "optimizer=signum", "--base", "batch=256"])]
+    assert base["recipe"] == "base" and "iterate" not in base
+    assert signum["recipe"] == "optimizer=signum" and signum["iterate"] in ("averaged", "training")

@@ -10,10 +10,11 @@ LAYERS = [
     {"errors"},
     {"atomic_io", "run_lock", "hardware", "world"},
     {"tasks", "saes", "tracking"},
-    {"host_models", "bench_external", "parallel"},
+    {"host_models", "parallel"},
     {"activations"},
     {"metrics"},
     {"training"},
+    {"bench_external"},  # other libraries' SAEs under our training loop's interface (schedule-free iterates)
     {"config"},
     {"jobs", "slurm_preflight"},
     {"launch", "bench", "bench_parallel"},
