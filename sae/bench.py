@@ -132,6 +132,7 @@ class Case:
     k_aux: int | None = None  # None: d_in rounded down to even, at most 512
     init_decoder_norm: float = 1.0
     beta2: float = 0.999
+    b_dec_init: str = "mean"  # or "zeros": the decoder bias starts at the data mean (the trainer's) or at 0
     optimizer: str = "adam"  # or "signum": SignSGD under schedule-free averaging, sparsify's (sae/training/signum.py)
     dead_window: int | None = None  # tokens without firing before AuxK takes a latent on; None: an 8th of the run
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
@@ -216,8 +217,9 @@ def run_case(case: Case) -> dict:
     torch.manual_seed(case.seed)
     n_steps = n_train // case.batch
     sae = build(case, case.k_aux or default_k_aux(case.d_in), n_steps).to(device)
-    with torch.no_grad():
-        sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
+    if case.b_dec_init == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
     if isinstance(sae, SparseCoder):  # ours: the job's data-dependent initialisation (JumpReLU's θ)
         sae.init_from_data(calibration_sample(train[:, None]))
     timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,

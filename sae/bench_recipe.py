@@ -24,8 +24,8 @@ from sae.training.schedules import Schedule
 # what the study may vary, with the type of its values
 KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
-         "min_lr_ratio": float, "optimizer": str}
-CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"]}
+         "min_lr_ratio": float, "optimizer": str, "b_dec_init": str}
+CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"], "b_dec_init": ["mean", "zeros"]}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
 FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f"}
 

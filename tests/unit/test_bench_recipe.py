@@ -15,7 +15,8 @@ def test_each_recipe_changes_one_knob_of_the_base():
 
 @pytest.mark.parametrize("text, message", [("lrr=0.1", "knob one of"), ("lr=fast", "must be float"), ("lr=", "knob"),
                                            ("optimizer=adam,sgd", r"among \['adam', 'signum'\], got 'sgd'"),
-                                           ("schedule=step", "among .*'linear_decay'.*got 'step'")])
+                                           ("schedule=step", "among .*'linear_decay'.*got 'step'"),
+                                           ("b_dec_init=median", r"among \['mean', 'zeros'\], got 'median'")])
 def test_bad_vary_is_refused_with_the_allowed_knobs(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse_vary(text)
