@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import statistics
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if len(values) != 1:
             parser.error(f"--base {key}: one value, got {values}")
         base[key] = values[0]
+    signum = any(r["optimizer"] == "signum" for r in recipes(base, args.vary))
+    if signum and not importlib.util.find_spec("schedulefree"):
+        parser.error("optimizer=signum needs the schedulefree package: pip install -e '.[compare]'")
     import torch
 
     threads = args.threads or torch.get_num_threads()

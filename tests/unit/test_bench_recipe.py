@@ -45,9 +45,22 @@ def test_study_runs_every_recipe_at_every_seed(capsys):
     assert "| (8, 32, 2) | lr=0.004 | 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.compare  # schedulefree comes with the [compare] extra
 def test_signum_runs_are_scored_at_their_better_iterate():
-    pytest.importorskip("schedulefree")
     (base, signum), = [main(["--sizes", "8,32,2", "--tokens", str(256 * 12), "--seeds", "0", "--threads", "1",
                              "--vary", "optimizer=signum", "--base", "batch=256"])]
     assert base["recipe"] == "base" and "iterate" not in base
     assert signum["recipe"] == "optimizer=signum" and signum["iterate"] in ("averaged", "training")
+
+
+def test_signum_without_schedulefree_is_refused_before_any_run(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "schedulefree" else real(name, *rest))
+    with pytest.raises(SystemExit):
+        main(["--sizes", "8,32,2", "--seeds", "0", "--vary", "optimizer=signum"])
+    err = capsys.readouterr()
+    assert err.err.strip().splitlines()[-1].endswith("optimizer=signum needs the schedulefree package: "
+                                                      "pip install -e '.[compare]'")
+    assert "seed 0" not in err.out  # not even the base ran

@@ -17,8 +17,8 @@ def test_signsgd_refuses_a_non_positive_lr():
         SignSGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
 
 
+@pytest.mark.compare  # schedulefree comes with the [compare] extra (sparsify's optimiser)
 def test_iterates_visit_the_average_and_end_on_the_training_weights():
-    pytest.importorskip("schedulefree")
     torch.manual_seed(0)
     weights = torch.nn.Parameter(torch.randn(16))
     optimizer = schedule_free_signum([weights], lr=0.05)
