@@ -44,7 +44,6 @@ from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
 from sae.training.schedules import Schedule, SchedulerConfig, lr_at, sparsity_coef_at
 from sae.training import signum
-from sae.training.signum import schedule_free_signum
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
@@ -284,7 +283,7 @@ def study_optimizer(sae: nn.Module, case: Case) -> torch.optim.Optimizer:
     """Ours and the dense reference: AdamW (the trainer's), or schedule-free Signum, whose two
     iterates best_quality then scores (as sparsify's)."""
     if case.optimizer == "signum":
-        optimizer = schedule_free_signum(sae.parameters(), case.lr)
+        optimizer = signum.schedule_free_signum(sae.parameters(), case.lr)
         sae.iterates = lambda: signum.iterates(optimizer)
         return optimizer
     return make_optimizer(sae.parameters(), case.lr, case.beta2)
