@@ -219,10 +219,17 @@ def run_case(case: Case) -> dict:
     if case.b_dec_init == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
+    sample = calibration_sample(train[:, None])
     if isinstance(sae, SparseCoder):  # ours: the job's data-dependent initialisation (JumpReLU's θ)
-        sae.init_from_data(calibration_sample(train[:, None]))
+        sae.init_from_data(sample)
+
+    def evaluate() -> dict:
+        if isinstance(sae, SparseCoder):  # as the trainer does before it evaluates (BatchTopK's θ)
+            sae.calibrate_for_inference(sample)
+        return best_quality(sae, x_eval, features)
+
     timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,
-                       evaluate=lambda: best_quality(sae, x_eval, features))
+                       evaluate=evaluate)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {**case.__dict__, "steps": n_steps, **timing, "peak_memory_gib": peak / 2**30,

@@ -65,13 +65,16 @@ def train_one(impl: str, cfg, data, steps: int, seed: int):
         sae = build_sae(cfg.sae, n_sources, d_in)
     with torch.no_grad():
         sae.b_dec.copy_(column_mean(data.train).view_as(sae.b_dec))
+    sample = calibration_sample(data.train)
     if impl not in EXTERNAL:
-        sae.init_from_data(calibration_sample(data.train))
+        sae.init_from_data(sample)
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randint(len(data.train), (cfg.batch_size,), generator=generator) for _ in range(steps)]
     timing = train_sae(sae, case, lambda step: data.train[batches[step]], steps, evaluate=dict)
     if impl in EXTERNAL:
         sae = as_our_sae(sae)
+    else:
+        sae.calibrate_for_inference(sample)  # as the trainer does before it evaluates
     return sae, timing["tokens_per_s"]
 
 

@@ -197,7 +197,8 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, n_sources, d_in).to(device)  # the whole dictionary on every rank: same init
     sae.init_b_dec(column_mean(data.train).to(device))
-    sae.init_from_data(calibration_sample(data.train).to(device))  # JumpReLU: θ from the data
+    sample = calibration_sample(data.train).to(device)  # fixed training rows, for what is set from data
+    sae.init_from_data(sample)  # JumpReLU: θ from the data
     forward = spread(sae, rows, shards)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)
@@ -222,11 +223,13 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     last_saved = resume.state["step"] if resume is not None else None
 
     def whole_sae() -> SparseCoder:
-        """The dictionary in one single-process module (gathered from the shards: every rank calls it)."""
-        if group.size == 1:
-            return sae
-        whole = build_sae(cfg.sae, n_sources, d_in).to(device)
-        whole.load_state_dict(full_sae_state(sae))
+        """The dictionary in one single-process module (gathered from the shards: every rank calls it),
+        ready for inference: what is evaluated and saved (BatchTopK: θ calibrated on `sample`)."""
+        whole = sae
+        if group.size > 1:
+            whole = build_sae(cfg.sae, n_sources, d_in).to(device)
+            whole.load_state_dict(full_sae_state(sae))
+        whole.calibrate_for_inference(sample)
         return whole
 
     def save(at_step: int) -> None:

@@ -237,6 +237,11 @@ class SparseCoder(nn.Module):
         d_in] training rows, normalised as training sees them. Nothing for most architectures."""
 
     @torch.no_grad()
+    def calibrate_for_inference(self, sample: torch.Tensor) -> None:
+        """Set what inference needs from the data before the dictionary is evaluated or saved;
+        sample: as init_from_data's. Nothing for most architectures (BatchTopK: its threshold)."""
+
+    @torch.no_grad()
     def fold_input_scale(self, scale: torch.Tensor) -> None:
         """Absorb a per-source input scale c_s (the model saw c_s * x_s) so it takes raw x_s."""
         self.W_enc.mul_(scale[None, :, None])

@@ -49,9 +49,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
         pre = self.pre_activations(x)
-        latents = self.activation(pre)
-        if self.training:
-            self.update_threshold(latents)
+        latents = self.encode_for_loss(pre)
         x_hat, squared_errors = self.b_dec.expand_as(x), []
         start = 0
         for end in prefix_sizes(self.cfg.prefix_fractions, self.d_sae):
@@ -63,4 +61,4 @@ class MatryoshkaSAE(BatchTopKSAE):
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         pre_aux = pre[:, aux_columns] if aux_columns is not None else None
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, self.W_dec.flatten(1))
-        return SAEOutput(x_hat, latents, mse, self.sparsity_of(latents), aux)
+        return SAEOutput(x_hat, latents, mse, self.batch_sparsity(latents), aux)

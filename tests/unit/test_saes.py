@@ -329,6 +329,9 @@ def test_batchtopk_saves_and_loads_its_threshold(tmp_path, host_cache):
     summary = run_training(cfg, tmp_path / "run")
     loaded = load(checkpoint_dirs(tmp_path / "run")[0])
     assert loaded.threshold.item() > 0 and loaded.threshold_updates.item() == cfg.num_steps
+    # θ calibrated on the training rows (the tiny table is smaller than the calibration sample: all of
+    # them): the train split keeps k latents a row on average, all but the entry at the cut
+    assert summary["eval/train/l0"] == pytest.approx(cfg.sae.k, abs=0.05)
     assert 0 < summary["eval/test/l0"] < 64
     # loaded for inference: each row is encoded on its own (the threshold), not ranked against the batch
     assert not loaded.training
@@ -390,10 +393,70 @@ def test_batchtopk_keeps_both_copies_of_a_row_drawn_twice():
     pre[2, 0] = pre[5, 0] = cut + 1e-3  # a duplicated entry just above the cut ...
     budget_value = pre.relu().flatten().sort(descending=True).values[3 * 8 - 1]
     pre[2, 1] = pre[5, 1] = budget_value  # ... and one exactly at it
-    latents = batch_topk(pre, k=3)
+    latents, _ = batch_topk(pre, k=3)
     assert torch.equal(latents[2], latents[5])
     assert latents[2, 1] == budget_value
     assert (latents != 0).sum() >= 3 * 8
+
+
+
+@pytest.mark.parametrize("floor", [None, 0.0, 0.5, 1.5, 2.2, 10.0])
+def test_largest_entries_from_candidates_above_a_floor_are_those_of_a_full_topk(floor):
+    """Whether the floor leaves enough candidates (0.5, 1.5), too few (2.2, 10: the fallback) or is
+    unset, the same multiset of values as a full topk."""
+    from sae.saes.batchtopk import largest_entries
+
+    flat = torch.randn(4000, generator=torch.Generator().manual_seed(1)).relu()
+    budget = 200  # the 200th largest of 4000 standard normals is about 1.64
+    expected = flat.topk(budget).values
+    got = largest_entries(flat, budget, floor).sort(descending=True).values
+    assert torch.equal(got, expected)
+
+
+def test_batchtopk_training_steps_select_as_a_full_ranking_does():
+    """Successive CPU forwards look for the batch's top entries above 0.9 x the last cut; the codes are
+    those of the naive reference at every step, including a step whose data moved the cut far down
+    (the candidates are too few and the full ranking is used)."""
+    from sae.saes.batchtopk import BatchTopKSAEConfig
+
+    sae = random_sae(BatchTopKSAEConfig(sparse_dim=16, k=3))
+    generator = torch.Generator().manual_seed(4)
+    for shift in (3.0, 3.0, 3.1, 0.5):
+        x = torch.randn(20, 1, 6, generator=generator) + shift
+        pre = sae.pre_activations(x)
+        latents = sae(x).latents
+        expected = naive_batch_topk(pre, 3)
+        assert torch.equal(latents != 0, expected != 0)
+        torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5 * max(1.0, pre.abs().max().item()))
+        assert sae.last_cut == pytest.approx(latents[latents > 0].min().item())
+
+
+@pytest.mark.parametrize("chunk", [7, 512])
+def test_batchtopk_calibration_sets_the_cut_of_the_sample_taken_as_one_batch(chunk, monkeypatch):
+    """θ = the (k x rows)-th largest ReLU'd pre-activation of the sample, however it is chunked; at
+    inference the sample's rows then keep k latents a row on average (all but the one at the cut)."""
+    from sae.saes import batchtopk
+
+    monkeypatch.setattr(batchtopk, "CALIBRATION_CHUNK", chunk)
+    k, rows = 3, 50
+    sae = random_sae(batchtopk.BatchTopKSAEConfig(sparse_dim=16, k=k), n_sources=2)
+    sample = torch.randn(rows, 2, 6, generator=torch.Generator().manual_seed(2)) + 1.0
+    sae.calibrate_for_inference(sample)
+    pre = sae.pre_activations(sample)
+    entries = sorted(max(value, 0.0) for row in pre.tolist() for value in row)
+    assert sae.threshold.item() == pytest.approx(entries[-k * rows], rel=1e-6)
+    sae.eval()
+    assert (sae.encode(sample) != 0).sum().item() == k * rows - 1
+
+
+def test_batchtopk_without_calibration_keeps_the_training_estimate():
+    from sae.saes.batchtopk import BatchTopKSAEConfig
+
+    sae = random_sae(BatchTopKSAEConfig(sparse_dim=16, k=3, calibrate_threshold=False))
+    sae(torch.randn(20, 1, 6) + 3.0)
+    estimate = sae.threshold.clone()
+    sae.calibrate_for_inference(torch.randn(50, 1, 6))
+    assert torch.equal(sae.threshold, estimate)
 
 
 # -- JumpReLU --------------------------------------------------------------------------------------
@@ -482,7 +545,7 @@ def test_matryoshka_loss_is_the_mean_of_each_prefix_reconstructing_alone():
     out.mse.backward()
     params = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
     pre = (x - params["b_dec"]).flatten(1) @ params["W_enc"].flatten(1).t() + params["b_enc"]
-    latents = batch_topk(pre, 4)
+    latents, _ = batch_topk(pre, 4)
     losses = []
     for m in (4, 16, 32):
         x_hat = (latents[:, :m] @ params["W_dec"][:m].flatten(1)).view_as(x) + params["b_dec"]
