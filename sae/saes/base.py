@@ -55,21 +55,30 @@ WEIGHTS_FORMAT = 2  # W_enc [d_sae, n_sources, d_in] (format 1, [n_sources, d_in
 
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor  # [batch, n_sources, d_in] reconstruction
-    latents: torch.Tensor  # [batch, d_sae] codes, or [batch, k] values of the active latents if `indices` is set
+    # [batch, d_sae] codes; [batch, k] values of the active latents if `indices` is set (sparse TopK path);
+    # [n] values of the kept entries if `rows` is set too (sparse BatchTopK path: any number per row)
+    latents: torch.Tensor
     mse: torch.Tensor  # scalar: squared error summed over sources and d_in, mean over batch
     sparsity: torch.Tensor  # scalar: sum_i f_i * sum_s ||W_dec[i, s]||, mean over batch
     aux: torch.Tensor  # scalar: auxiliary loss (AuxK for TopK; 0 otherwise)
-    indices: torch.Tensor | None = None  # [batch, k] which latents `latents` holds (sparse TopK path)
+    indices: torch.Tensor | None = None  # which latents `latents` holds: [batch, k], or [n] with `rows`
+    rows: torch.Tensor | None = None  # [n] the batch row of each entry (sparse BatchTopK path)
 
     def l0(self) -> torch.Tensor:
         """[batch] number of nonzero latents per row."""
-        return (self.latents != 0).sum(dim=1).float()
+        if self.rows is None:
+            return (self.latents != 0).sum(dim=1).float()
+        counts = torch.zeros(len(self.x_hat), device=self.latents.device)
+        return counts.index_add_(0, self.rows, (self.latents != 0).float())
 
     def dense_latents(self, d_sae: int) -> torch.Tensor:
         """[batch, d_sae] codes, whichever form `latents` holds."""
         if self.indices is None:
             return self.latents
-        return self.latents.new_zeros(len(self.latents), d_sae).scatter_(1, self.indices, self.latents)
+        codes = self.latents.new_zeros(len(self.x_hat), d_sae)
+        if self.rows is None:
+            return codes.scatter_(1, self.indices, self.latents)
+        return codes.index_put_((self.rows, self.indices), self.latents)
 
     def fire_counts(self, d_sae: int) -> torch.Tensor:
         """[d_sae] how many rows of the batch each latent fired on (no host sync)."""
@@ -189,8 +198,8 @@ class SparseCoder(nn.Module):
     def forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
         """x: [batch, n_sources, d_in], or [batch, d_in] for a one-source SAE (x_hat then comes back
         2-D too). out.latents: dense codes [batch, d_sae], or on TopK's sparse path the k values per
-        row [batch, k] with out.indices [batch, k]; out.dense_latents(d_sae) gives [batch, d_sae]
-        either way. dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
+        row [batch, k] with out.indices [batch, k], or on BatchTopK's the kept entries [n] with
+        out.indices and out.rows [n]; out.dense_latents(d_sae) gives [batch, d_sae] either way. dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
         out = self.forward_sources(self.as_sources(x), dead_latents)
         return out._replace(x_hat=out.x_hat[:, 0]) if x.dim() == 2 else out
 

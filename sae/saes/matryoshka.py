@@ -20,6 +20,7 @@ import torch
 
 from sae.saes.base import SAEOutput, squared_error
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from sae.saes.sparse_ops import entries_layout, sparse_decode
 
 
 @dataclass
@@ -48,17 +49,45 @@ class MatryoshkaSAE(BatchTopKSAE):
     cfg: MatryoshkaSAEConfig
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
+        if self.training and not x.requires_grad:
+            return self.sparse_forward(x, dead_latents)
         pre = self.pre_activations(x)
         latents = self.encode_for_loss(pre)
-        x_hat, squared_errors = self.b_dec.expand_as(x), []
-        start = 0
-        for end in prefix_sizes(self.cfg.prefix_fractions, self.d_sae):
-            block = latents[:, start:end] @ self.W_dec[start:end].flatten(1)
-            x_hat = x_hat + block.view_as(x)
-            squared_errors.append(squared_error(x_hat, x))
-            start = end
-        mse = torch.stack(squared_errors).mean()
+
+        def decode_block(start: int, end: int) -> torch.Tensor:
+            return latents[:, start:end] @ self.W_dec[start:end].flatten(1)
+
+        x_hat, mse = self.nested_reconstructions(x, decode_block)
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         pre_aux = pre[:, aux_columns] if aux_columns is not None else None
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, self.W_dec.flatten(1))
         return SAEOutput(x_hat, latents, mse, self.batch_sparsity(latents), aux)
+
+    def sparse_forward(self, x: torch.Tensor, dead_latents: torch.Tensor | None) -> SAEOutput:
+        """forward_sources of a training step through the sparse kernels: each prefix's block of
+        latents decodes its own kept entries."""
+        aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
+        kept, pre_aux = self.kept_entries(x, aux_columns)
+        self.update_threshold(kept.cut)
+        W_dec = self.W_dec.flatten(1)
+
+        def decode_block(start: int, end: int) -> torch.Tensor:
+            block = (kept.latents >= start) & (kept.latents < end)
+            latents, rows = kept.latents[block], kept.rows[block]
+            counts = torch.bincount(rows, minlength=len(x))
+            layout = entries_layout(latents, rows, self.d_sae, len(x))
+            return sparse_decode(kept.values[block], latents, W_dec, layout, counts.cumsum(0) - counts)
+
+        x_hat, mse = self.nested_reconstructions(x, decode_block)
+        aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
+        return SAEOutput(x_hat, kept.values, mse, self.entries_sparsity(kept, len(x)), aux, kept.latents, kept.rows)
+
+    def nested_reconstructions(self, x: torch.Tensor, decode_block) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the full dictionary's reconstruction, the mean over prefixes of each one's squared error);
+        decode_block(start, end) -> [batch, n_sources * d_in], latents [start, end)'s part."""
+        x_hat, squared_errors, start = self.b_dec.expand_as(x), [], 0
+        for end in prefix_sizes(self.cfg.prefix_fractions, self.d_sae):
+            x_hat = x_hat + decode_block(start, end).view_as(x)
+            squared_errors.append(squared_error(x_hat, x))
+            start = end
+        return x_hat, torch.stack(squared_errors).mean()

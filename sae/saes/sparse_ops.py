@@ -28,22 +28,28 @@ from sae.saes.row_topk import row_topk
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 class ActiveLayout(NamedTuple):
-    """The active entries of a [batch, k] index matrix, grouped by latent (CSR of the transpose)."""
+    """The active entries, grouped by latent (CSR of the transpose of the [batch, d_sae] codes)."""
 
     crow: torch.Tensor  # [d_sae + 1] start of each latent's entries
-    rows: torch.Tensor  # [batch * k] batch row of each entry, grouped by latent
-    order: torch.Tensor  # [batch * k] position of each entry in indices.flatten()
+    rows: torch.Tensor  # [n] batch row of each entry, grouped by latent
+    order: torch.Tensor  # [n] position of each entry in the flattened entries (indices.flatten())
     d_sae: int
     batch: int
 
 
 def active_layout(indices: torch.Tensor, d_sae: int) -> ActiveLayout:
+    """Of a [batch, k] index matrix: k entries in every row."""
     batch, k = indices.shape
-    flat = indices.flatten()
-    order = flat.argsort()  # any order within a latent gives the same sums up to rounding
-    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
-    return ActiveLayout(crow, order // k, order, d_sae, batch)
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+    return entries_layout(indices.flatten(), rows, d_sae, batch)
+
+
+def entries_layout(latents: torch.Tensor, rows: torch.Tensor, d_sae: int, batch: int) -> ActiveLayout:
+    """Of entries given as (latent, row) pairs, [n] each, any number per row."""
+    order = latents.argsort()  # any order within a latent gives the same sums up to rounding
+    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=latents.device)
+    crow[1:] = torch.bincount(latents, minlength=d_sae).cumsum(0)
+    return ActiveLayout(crow, rows[order], order, d_sae, batch)
 
 
 def _csr(layout: ActiveLayout, values_in_layout_order: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,7 @@ class _TopKEncode(torch.autograd.Function):
         """x: [B, D] data (no gradient); b_dec: [D]; W_enc: [D, d_sae] -> values [B, k] (ReLU'd),
         indices [B, k], pre-activations of aux_columns [B, n_aux]. The active layout is appended
         to layout_out for sparse_decode to reuse."""
-        pre = torch.addmm(b_enc, x - b_dec, W_enc, out=_preactivation_buffer(x, W_enc))
+        pre = torch.addmm(b_enc, x - b_dec, W_enc, out=preactivation_buffer(x, W_enc))
         values, indices = row_topk(pre, k)
         values = values.relu()
         pre_aux = pre.index_select(1, aux_columns)
@@ -87,24 +93,32 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_pre_aux):
         x, b_dec, W_enc, values, indices, aux_columns = ctx.saved_tensors
-        # under autocast the forward ran in low precision; the weight gradients are computed in theirs
-        g = (grad_values * (values > 0)).to(W_enc.dtype)  # through the ReLU
-        grad_pre_aux = grad_pre_aux.to(W_enc.dtype) if grad_pre_aux is not None else None
-        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
-        grad_b_enc.index_add_(0, indices.flatten(), g.flatten())
-        centred = x - b_dec
-        grad_W = active_outer(g, ctx.layout, centred)  # [d_sae, D]
-        if aux_columns.numel() and grad_pre_aux is not None:
-            grad_W.index_add_(0, aux_columns, (centred.t() @ grad_pre_aux).t())
-            grad_b_enc.index_add_(0, aux_columns, grad_pre_aux.sum(0))
-        grad_b_dec = -(W_enc @ grad_b_enc.to(W_enc.dtype))  # d/d b_dec of sum over rows of (x - b_dec) @ W_enc
-        return None, grad_b_dec, grad_W.t(), grad_b_enc, None, None, None
+        grad_b_dec, grad_W, grad_b_enc = encoder_backward(x, b_dec, W_enc, grad_values * (values > 0), indices,
+                                                          ctx.layout, aux_columns, grad_pre_aux)  # through the ReLU
+        return None, grad_b_dec, grad_W, grad_b_enc, None, None, None
+
+
+def encoder_backward(x, b_dec, W_enc, grad_entries, latents, layout: ActiveLayout, aux_columns, grad_pre_aux):
+    """Gradients (b_dec, W_enc, b_enc) of an encoder whose pre-activations reached the loss only at the
+    active entries (grad_entries, at latents; any shape, flattened alike) and at the aux columns."""
+    # under autocast the forward ran in low precision; the weight gradients are computed in theirs
+    g = grad_entries.to(W_enc.dtype)
+    grad_pre_aux = grad_pre_aux.to(W_enc.dtype) if grad_pre_aux is not None else None
+    grad_b_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
+    grad_b_enc.index_add_(0, latents.flatten(), g.flatten())
+    centred = x - b_dec
+    grad_W = active_outer(g, layout, centred)  # [d_sae, D]
+    if aux_columns.numel() and grad_pre_aux is not None:
+        grad_W.index_add_(0, aux_columns, (centred.t() @ grad_pre_aux).t())
+        grad_b_enc.index_add_(0, aux_columns, grad_pre_aux.sum(0))
+    grad_b_dec = -(W_enc @ grad_b_enc.to(W_enc.dtype))  # d/d b_dec of sum over rows of (x - b_dec) @ W_enc
+    return grad_b_dec, grad_W.t(), grad_b_enc
 
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
-def _preactivation_buffer(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor | None:
+def preactivation_buffer(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor | None:
     """A reused [batch, d_sae] buffer for the pre-activations on CPU (None: let addmm allocate).
     A fresh tensor of that size is a fresh mmap each step and its page faults cost ~40% of the
     matmul at (128, 2048, 16); the buffer is dead once the forward has picked the top k."""
@@ -130,11 +144,12 @@ def topk_encode(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, W_dec, layout):
-        """values, indices: [B, k]; W_dec: [d_sae, D] -> [B, D]."""
+    def forward(ctx, values, indices, W_dec, layout, offsets):
+        """values, indices: [B, k] (offsets None), or [n] entries whose rows start at offsets [B];
+        W_dec: [d_sae, D] -> [B, D]."""
         ctx.layout = layout
         ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -146,10 +161,12 @@ class _SparseDecode(torch.autograd.Function):
             grad_values = active_dots(W_dec, grad_out, layout, indices.shape).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = active_outer(values, layout, grad_out)
-        return grad_values, None, grad_W, None
+        return grad_values, None, grad_W, None, None
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
-                  layout: ActiveLayout | None = None) -> torch.Tensor:
-    """[B, D] = sum_j values[:, j] * W_dec[indices[:, j]]; `layout` (from topk_encode) saves a sort."""
-    return _SparseDecode.apply(values, indices, W_dec, layout)
+                  layout: ActiveLayout | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, D] = sum_j values[:, j] * W_dec[indices[:, j]]; `layout` (from topk_encode) saves a sort.
+    With `offsets` [B] (and then a layout), values and indices are [n] entries, row b's from
+    offsets[b] on (BatchTopK: any number per row)."""
+    return _SparseDecode.apply(values, indices, W_dec, layout, offsets)

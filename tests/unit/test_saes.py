@@ -288,7 +288,7 @@ def test_batchtopk_keeps_k_times_batch_over_the_whole_batch_and_matches_naive(n_
     sae = random_sae(BatchTopKSAEConfig(sparse_dim=16, k=k), n_sources=n_sources)
     x = torch.randn(20, n_sources, 6) + 3.0
     pre = sae.pre_activations(x)
-    latents = sae(x).latents
+    latents = sae(x).dense_latents(16)
     expected = naive_batch_topk(pre, k)
     tol = 1e-5 * max(1.0, pre.abs().max().item())
     flat = pre.relu().flatten().sort(descending=True).values
@@ -305,7 +305,7 @@ def test_batchtopk_threshold_is_the_moving_average_of_the_smallest_kept_activati
     expected = None
     for seed in range(3):
         x = torch.randn(10, 1, 6, generator=torch.Generator().manual_seed(seed)) + 3.0
-        latents = sae(x).latents
+        latents = sae(x).dense_latents(16)
         smallest = latents[latents > 0].min().item()
         expected = smallest if expected is None else 0.9 * expected + 0.1 * smallest
     assert sae.threshold.item() == pytest.approx(expected, rel=1e-6)
@@ -424,7 +424,7 @@ def test_batchtopk_training_steps_select_as_a_full_ranking_does():
     for shift in (3.0, 3.0, 3.1, 0.5):
         x = torch.randn(20, 1, 6, generator=generator) + shift
         pre = sae.pre_activations(x)
-        latents = sae(x).latents
+        latents = sae(x).dense_latents(16)
         expected = naive_batch_topk(pre, 3)
         assert torch.equal(latents != 0, expected != 0)
         torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5 * max(1.0, pre.abs().max().item()))
@@ -457,6 +457,40 @@ def test_batchtopk_without_calibration_keeps_the_training_estimate():
     estimate = sae.threshold.clone()
     sae.calibrate_for_inference(torch.randn(50, 1, 6))
     assert torch.equal(sae.threshold, estimate)
+
+
+
+def loss_and_grads(sae, x, dead, sparsity_coef):
+    out = sae(x, torch.tensor(dead) if dead else None)
+    loss = out.mse + sparsity_coef * out.sparsity + out.aux
+    sae.zero_grad()
+    loss.backward()
+    return out, loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("n_sources, dead, sparsity_coef", [
+    (1, [], 0.0), (1, [0, 3, 5, 9, 17, 30], 0.0), (3, [2, 4, 8, 11, 40], 0.0), (2, [], 0.1),
+])
+def test_sparse_batchtopk_step_matches_the_dense_computation(architecture, n_sources, dead, sparsity_coef):
+    """The sparse kernels (kept entries only, any number per row) against the dense forward, which
+    an input that needs gradients takes: same codes, loss and gradient of every parameter."""
+    from sae.saes import BatchTopKSAEConfig, MatryoshkaSAEConfig
+
+    config = BatchTopKSAEConfig if architecture == "batchtopk" else MatryoshkaSAEConfig
+    cfg = config(sparse_dim=48, k=5, k_aux=4, aux_coef=0.5, sparsity_coef=sparsity_coef)
+    sae = random_sae(cfg, n_sources=n_sources, d_in=7, seed=3)
+    x = torch.randn(64, n_sources, 7)
+    sparse_out, sparse_loss, sparse_grads = loss_and_grads(sae, x, dead, sparsity_coef)
+    assert sparse_out.rows is not None  # the sparse path ran
+    dense_out, dense_loss, dense_grads = loss_and_grads(sae, x.clone().requires_grad_(), dead, sparsity_coef)
+    assert dense_out.rows is None and dense_out.indices is None
+    torch.testing.assert_close(sparse_out.dense_latents(48), dense_out.latents)
+    torch.testing.assert_close(sparse_out.l0(), dense_out.l0())
+    torch.testing.assert_close(sparse_out.fire_counts(48), dense_out.fire_counts(48))
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 # -- JumpReLU --------------------------------------------------------------------------------------
