@@ -123,6 +123,8 @@ class Case:
     vanilla_coef: float = VANILLA_COEF
     seed: int = 0
     jumprelu_coef: float = JUMPRELU_COEF
+    bandwidth: float = 0.05  # JumpReLU's straight-through kernel width (sae.bandwidth)
+    init_l0: int | None = None  # JumpReLU: θ from the data so the run starts at this L0 (sae.init_l0)
     # the recipe (ours and the dense reference; other libraries keep their own): scheduler.* and sae.* keys
     schedule: str = "constant"
     warmup_fraction: float = 0.0
@@ -168,7 +170,7 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
         cfg = MatryoshkaSAEConfig(**topk_keys)
     elif case.impl == "jumprelu":
         cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.jumprelu_coef,
-                                sparsity_warmup_steps=n_steps // 10)
+                                sparsity_warmup_steps=n_steps // 10, bandwidth=case.bandwidth, init_l0=case.init_l0)
     else:
         cfg = VanillaSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef,
                                sparsity_warmup_steps=n_steps // 10)

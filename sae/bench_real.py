@@ -1,6 +1,7 @@
 """The benchmark on real activations (scripts/benchmark_real.py): ours and other libraries' TopK SAEs
-trained on the same host activations for the same tokens, scored by our evaluation (FVU, L0, dead
-latents, and loss recovered with the reconstruction spliced into the host), train and test rows.
+(or ours alone in any architecture: `--impls topk sae=batchtopk`) trained on the same host
+activations for the same tokens, scored by our evaluation (FVU, L0, dead latents, and loss
+recovered with the reconstruction spliced into the host), train and test rows.
 
     python scripts/benchmark_real.py --host grokking          # the default config's host (make train's)
     python scripts/benchmark_real.py --host esm2 --impls topk,sparsify --steps 500
@@ -56,9 +57,10 @@ def train_one(impl: str, cfg, data, steps: int, seed: int):
     training table (with replacement, one generator for every implementation)."""
     torch.manual_seed(seed)
     n_sources, d_in = data.train.shape[1], data.train.shape[2]
-    case = Case(impl, d_in, cfg.sae.sparse_dim, cfg.sae.k, cfg.batch_size, cfg.batch_size * steps, cfg.lr, "cpu",
-                torch.get_num_threads(), "float32", schedule=cfg.scheduler.name.value,
-                warmup_fraction=cfg.scheduler.warmup_fraction)
+    architecture = impl if impl in EXTERNAL else cfg.sae.type  # ours: the config's
+    case = Case(architecture, d_in, cfg.sae.sparse_dim, getattr(cfg.sae, "k", 0), cfg.batch_size,
+                cfg.batch_size * steps, cfg.lr, "cpu", torch.get_num_threads(), "float32",
+                schedule=cfg.scheduler.name.value, warmup_fraction=cfg.scheduler.warmup_fraction)
     if impl in EXTERNAL:
         sae = build_external(impl, d_in, case.d_sae, case.k, "cpu")
     else:
@@ -137,14 +139,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for host in args.host:
         cfg = compose_train_config(host_overrides(host, workdir) + list(args.overrides))
-        if cfg.sae.type != "topk":
-            parser.error(f"sae={cfg.sae.type}: the other libraries' columns are TopK SAEs; use sae=topk")
+        if cfg.sae.type != "topk" and set(impls) & set(EXTERNAL):
+            parser.error(f"sae={cfg.sae.type}: the other libraries' columns are TopK SAEs; use sae=topk "
+                         f"(or --impls topk alone: ours with sae={cfg.sae.type})")
         data = load_activations(cfg.task, cfg.host_model, cfg.sae.normalize, "cpu")
         steps = args.steps or cfg.num_steps
         for impl in impls:
             sae, tokens_per_s = train_one(impl, cfg, data, steps, args.seed)
             metrics = evaluate(sae, data)
-            rows.append({"host": host, "impl": impl, "steps": steps, "batch": cfg.batch_size,
+            label = cfg.sae.type if impl == "topk" else impl  # ours: whichever architecture the config has
+            rows.append({"host": host, "impl": label, "steps": steps, "batch": cfg.batch_size,
                          "tokens_per_s": tokens_per_s, **headline(metrics, data.sources[0].name)})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))

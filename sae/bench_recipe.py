@@ -25,7 +25,8 @@ from sae.training.schedules import Schedule
 # what the study may vary, with the type of its values
 KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
-         "min_lr_ratio": float, "optimizer": str, "b_dec_init": str}
+         "min_lr_ratio": float, "optimizer": str, "b_dec_init": str,
+         "jumprelu_coef": float, "bandwidth": float, "init_l0": int}  # the last three: JumpReLU's
 CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"], "b_dec_init": ["mean", "zeros"]}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
 FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f"}
@@ -92,14 +93,15 @@ def describe(recipe: dict, base: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="one-knob-at-a-time study of the TopK training recipe")
+    parser = argparse.ArgumentParser(description="one-knob-at-a-time study of the training recipe (TopK and the other architectures)")
     parser.add_argument("--vary", nargs="*", type=parse_vary, default=[], help="knob=v1,v2,... (one recipe per value)")
     parser.add_argument("--base", nargs="*", type=parse_vary, default=[], help="knob=value: change the base recipe")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(128, 2048, 16), (128, 2048, 32)])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=819_200)
     parser.add_argument("--true-features", type=float, default=0.5, help="ground-truth features per latent")
-    parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "sparsify", "saelens"],
+    parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "sparsify",
+                                                        "saelens"],
                         help="sparsify, saelens: their own recipe (no --vary), for a reference row over the same seeds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write every run here")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 result.pop("curve")
                 results.append(result)
                 print(f"{(d_in, d_sae, k)} {result['recipe']:28s} seed {seed}: FVU {result['fvu']:.4f} "
-                      f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%}", flush=True)
+                      f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%} L0 {result['l0']:.1f}", flush=True)
     print(summarise(results))
     if args.json:
         with open(args.json, "w") as handle:

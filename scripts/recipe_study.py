@@ -1,4 +1,5 @@
-"""One-knob-at-a-time study of the TopK training recipe on synthetic data: see sae/bench_recipe.py."""
+"""One-knob-at-a-time study of the training recipe (TopK, BatchTopK, Matryoshka, JumpReLU) on synthetic data: see
+sae/bench_recipe.py."""
 
 from sae.bench_recipe import main
 

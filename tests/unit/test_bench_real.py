@@ -20,6 +20,16 @@ def test_ours_on_the_grokking_host_reports_reconstruction_and_loss_recovered(tmp
     assert "| grokking | topk | 12 x 64 |" in capsys.readouterr().out
 
 
+def test_ours_in_another_architecture_is_labelled_by_it(tmp_path, capsys):
+    """--impls topk alone trains the config's architecture (BatchTopK here, θ calibrated as the
+    trainer does: the train rows keep about k a row at inference)."""
+    rows = main(["--host", "grokking", "--impls", "topk", "--steps", "12", "--workdir", str(tmp_path),
+                 *tiny(tmp_path), "sae=batchtopk", "sae.sparse_dim=64", "sae.k=4", "sae.k_aux=16"])
+    (row,) = rows
+    assert row["impl"] == "batchtopk" and row["train_l0"] == pytest.approx(4, abs=0.05)
+    assert "| grokking | batchtopk | 12 x 64 |" in capsys.readouterr().out
+
+
 @pytest.mark.compare
 @pytest.mark.parametrize("impl", ["sparsify", "saelens"])
 def test_another_library_read_back_reconstructs_as_it_did(impl, tmp_path):
@@ -59,7 +69,7 @@ def test_every_library_on_the_esm2_stand_in(tmp_path, tiny_esm2_files, monkeypat
 @pytest.mark.parametrize("argv, message", [
     (["--impls", "topk,sae_vis"], "unknown ['sae_vis']"),
     (["--impls", "topk", "--steps", "3"], "--steps must be >= 8"),
-    (["--host", "grokking", "--impls", "topk", "sae=vanilla"], "sae=vanilla"),
+    (["--host", "grokking", "--impls", "topk,sparsify", "sae=vanilla"], "sae=vanilla"),
 ])
 def test_bad_arguments_are_refused_before_any_training(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):

@@ -45,6 +45,20 @@ def test_study_runs_every_recipe_at_every_seed(capsys):
     assert "| (8, 32, 2) | lr=0.004 | 2 |" in capsys.readouterr().out
 
 
+def test_jumprelu_knobs_reach_its_config(monkeypatch):
+    """--impl jumprelu with its own knobs: the SAE that trains has them (init_l0 sets θ from the data)."""
+    import sae.bench
+
+    built = []
+    build = sae.bench.build
+    monkeypatch.setattr(sae.bench, "build", lambda *args: built.append(build(*args)) or built[-1])
+    (result,) = main(["--impl", "jumprelu", "--sizes", "8,32,2", "--tokens", str(256 * 12), "--seeds", "0",
+                      "--threads", "1", "--base", "batch=256", "init_l0=4", "bandwidth=0.2", "jumprelu_coef=0.3"])
+    (sae_,) = built
+    assert (sae_.cfg.init_l0, sae_.cfg.bandwidth, sae_.cfg.sparsity_coef) == (4, 0.2, 0.3)
+    assert result["impl"] == "jumprelu" and result["l0"] > 0
+
+
 @pytest.mark.compare  # schedulefree comes with the [compare] extra
 def test_signum_runs_are_scored_at_their_better_iterate():
     (base, signum), = [main(["--sizes", "8,32,2", "--tokens", str(256 * 12), "--seeds", "0", "--threads", "1",
