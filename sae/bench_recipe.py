@@ -93,7 +93,8 @@ def describe(recipe: dict, base: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="one-knob-at-a-time study of the training recipe (TopK and the other architectures)")
+    parser = argparse.ArgumentParser(
+        description="one-knob-at-a-time study of the training recipe (TopK and the other architectures)")
     parser.add_argument("--vary", nargs="*", type=parse_vary, default=[], help="knob=v1,v2,... (one recipe per value)")
     parser.add_argument("--base", nargs="*", type=parse_vary, default=[], help="knob=value: change the base recipe")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(128, 2048, 16), (128, 2048, 32)])
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 result.pop("curve")
                 results.append(result)
                 print(f"{(d_in, d_sae, k)} {result['recipe']:28s} seed {seed}: FVU {result['fvu']:.4f} "
-                      f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%} L0 {result['l0']:.1f}", flush=True)
+                      f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%} L0 {result['l0']:.1f}",
+                      flush=True)
     print(summarise(results))
     if args.json:
         with open(args.json, "w") as handle:

@@ -199,7 +199,8 @@ class SparseCoder(nn.Module):
         """x: [batch, n_sources, d_in], or [batch, d_in] for a one-source SAE (x_hat then comes back
         2-D too). out.latents: dense codes [batch, d_sae], or on TopK's sparse path the k values per
         row [batch, k] with out.indices [batch, k], or on BatchTopK's the kept entries [n] with
-        out.indices and out.rows [n]; out.dense_latents(d_sae) gives [batch, d_sae] either way. dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
+        out.indices and out.rows [n]; out.dense_latents(d_sae) gives [batch, d_sae] either way.
+        dead_latents: [n_dead] indices of dead latents (for auxiliary losses), or None."""
         out = self.forward_sources(self.as_sources(x), dead_latents)
         return out._replace(x_hat=out.x_hat[:, 0]) if x.dim() == 2 else out
 

@@ -175,8 +175,9 @@ class BatchTopKSAE(TopKSAE):
             aux_columns = torch.zeros(0, dtype=torch.long, device=x.device)
         b_dec = self.shared_input(self.b_dec).flatten()
         extra: list = []
+        W_enc = self.W_enc.flatten(1).t()
         values, latents, offsets, pre_aux = _BatchTopKEncode.apply(
-            x.flatten(1).detach(), b_dec, self.W_enc.flatten(1).t(), self.b_enc, self.select_positions, aux_columns, extra)
+            x.flatten(1).detach(), b_dec, W_enc, self.b_enc, self.select_positions, aux_columns, extra)
         rows, cut, layout = extra
         return KeptEntries(values, latents, rows, offsets, cut, layout), pre_aux
 

@@ -218,6 +218,16 @@ def test_dataclass_defaults_equal_the_composed_default_config():
     assert host.host_model == type(host.host_model)() and host.task == type(host.task)()
 
 
+@pytest.mark.parametrize("overrides, lr", [
+    (["sae=matryoshka"], 4e-4),  # its own tuned lr (docs/recipe.md) ...
+    (["sae=matryoshka", "lr=2e-3"], 2e-3),  # ... which the command line overrides
+    (["lr=2e-3", "sae=matryoshka"], 2e-3),  # in either order
+    (["sae=batchtopk"], 1e-3),  # the others keep the top-level lr
+])
+def test_an_architecture_may_carry_its_own_tuned_lr(overrides, lr):
+    assert build(overrides).lr == lr
+
+
 @pytest.mark.parametrize("overrides", [
     ["task=division", "sae=batchtopk", "sae.k=20", "scheduler=cosine"],
     ["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}", "sae=vanilla", "host_model.layers=[2,4]"],
