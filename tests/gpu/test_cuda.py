@@ -41,6 +41,24 @@ def test_sparse_topk_on_cuda_matches_the_dense_reference(n_sources, dead):
         torch.testing.assert_close(grad.cpu(), cpu_params[name].grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_sparse_batchtopk_on_cuda_matches_its_dense_path(architecture):
+    """On CUDA the selection takes the full topk (no candidates: that would sync with the host)."""
+    from sae.saes import BatchTopKSAEConfig, MatryoshkaSAEConfig
+    from tests.unit.test_saes import loss_and_grads
+
+    config = BatchTopKSAEConfig if architecture == "batchtopk" else MatryoshkaSAEConfig
+    sae = random_sae(config(sparse_dim=4096, k=32, k_aux=64, aux_coef=0.5), n_sources=2, d_in=64, seed=3).to(CUDA)
+    x, dead = torch.randn(512, 2, 64, device=CUDA), [2, 4, 8, 11, 40]
+    sparse_out, sparse_loss, sparse_grads = loss_and_grads(sae, x, dead, 0.0)
+    assert sparse_out.rows is not None and sae.last_cut is None
+    dense_out, dense_loss, dense_grads = loss_and_grads(sae, x.clone().requires_grad_(), dead, 0.0)
+    torch.testing.assert_close(sparse_out.dense_latents(4096), dense_out.latents)
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-4, atol=1e-4)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_bfloat16_autocast_on_cuda_gives_float32_gradients_close_to_float32():
     sae = random_sae(TopKSAEConfig(sparse_dim=4096, k=32, k_aux=64), n_sources=2, d_in=64, seed=4).to(CUDA)
     x, dead = torch.randn(512, 2, 64, device=CUDA), torch.arange(0, 4096, 7, device=CUDA)

@@ -461,7 +461,7 @@ def test_batchtopk_without_calibration_keeps_the_training_estimate():
 
 
 def loss_and_grads(sae, x, dead, sparsity_coef):
-    out = sae(x, torch.tensor(dead) if dead else None)
+    out = sae(x, torch.tensor(dead, device=x.device) if dead else None)
     loss = out.mse + sparsity_coef * out.sparsity + out.aux
     sae.zero_grad()
     loss.backward()
