@@ -21,7 +21,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from sae.saes.base import SAEOutput, squared_error
-from sae.saes.sparse_ops import ActiveLayout, encoder_backward, entries_layout, preactivation_buffer, sparse_decode
+from sae.saes.sparse_ops import (ActiveLayout, encoder_backward, entries_layout, preactivation_buffer, row_offsets,
+                                 sparse_decode)
 from sae.world import LOCAL, Collective
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 
@@ -66,22 +67,24 @@ def batch_selection(pre: torch.Tensor, k: int, spread: Collective = LOCAL, globa
 
 def _cut_and_candidates(pre, k, spread, global_rows, floor):
     """(the cut, positions of the candidates or None for all entries, their values)."""
-    flat = pre.detach().flatten()
     budget = k * (global_rows or pre.shape[0])
-    positions = candidates_above(flat, budget, floor)
-    pool = flat if positions is None else flat[positions]
-    offers = pool.topk(min(budget, pool.numel()), sorted=False).values
+    positions, pool = candidate_pool(pre.detach().flatten(), budget, floor)
+    offers = largest_entries(pool, budget)
     if spread.size > 1:
-        offers = spread.gather(offers).flatten()
-        offers = offers.topk(min(budget, offers.numel()), sorted=False).values
+        offers = largest_entries(spread.gather(offers).flatten(), budget)
     return offers.min().clamp_min(0), positions, pool  # the cut of the ReLU'd entries: ReLU keeps the order
 
 
 def largest_entries(flat: torch.Tensor, budget: int, floor: float | None = None) -> torch.Tensor:
     """The `budget` largest entries of `flat`, in no order; exactly those of a full topk."""
-    positions = candidates_above(flat, budget, floor)
-    pool = flat if positions is None else flat[positions]
+    pool = candidate_pool(flat, budget, floor)[1]
     return pool.topk(min(budget, pool.numel()), sorted=False).values
+
+
+def candidate_pool(flat: torch.Tensor, budget: int, floor: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(positions of the candidates, or None for all of `flat`; their values)."""
+    positions = candidates_above(flat, budget, floor)
+    return positions, flat if positions is None else flat[positions]
 
 
 def candidates_above(flat: torch.Tensor, budget: int, floor: float | None) -> torch.Tensor | None:
@@ -116,13 +119,12 @@ class _BatchTopKEncode(torch.autograd.Function):
         positions, cut = select(pre)
         rows, latents = positions // pre.shape[1], positions % pre.shape[1]
         values = pre.flatten()[positions]
-        counts = torch.bincount(rows, minlength=len(x))
         pre_aux = pre.index_select(1, aux_columns)
         layout = entries_layout(latents, rows, W_enc.shape[1], len(x))
         extra.extend([rows, cut, layout])
         ctx.layout = layout
         ctx.save_for_backward(x, b_dec, W_enc, latents, aux_columns)
-        offsets = counts.cumsum(0) - counts
+        offsets = row_offsets(rows, len(x))
         ctx.mark_non_differentiable(latents, offsets)
         return values, latents, offsets, pre_aux
 
@@ -208,9 +210,14 @@ class BatchTopKSAE(TopKSAE):
 
     def entries_sparsity(self, kept: KeptEntries, batch: int) -> torch.Tensor:
         """batch_sparsity of the kept entries."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
+        with self.penalty_gradient():
             norms = self.decoder_norms().sum(dim=1)
             return self.sum_over_latents((kept.values * norms[kept.latents]).sum() / batch)
+
+    def penalty_gradient(self):
+        """Grad mode for the L1 term: a penalty with its gradient when sparsity_coef is set, else only a
+        metric (no backward through it)."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0)
 
     def encode_for_loss(self, pre: torch.Tensor) -> torch.Tensor:
         """The latents a forward trains or evaluates on; while training, moves θ's estimate."""
@@ -221,9 +228,8 @@ class BatchTopKSAE(TopKSAE):
         return latents
 
     def batch_sparsity(self, latents: torch.Tensor) -> torch.Tensor:
-        """sparsity_of the codes: a penalty with its gradient when sparsity_coef is set, else only a
-        metric (no backward through a [batch, d_sae] product)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
+        """sparsity_of the dense codes (see penalty_gradient)."""
+        with self.penalty_gradient():
             return self.sparsity_of(latents)
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 
 from sae.saes.base import SAEOutput, squared_error
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
-from sae.saes.sparse_ops import entries_layout, sparse_decode
+from sae.saes.sparse_ops import entries_layout, row_offsets, sparse_decode
 
 
 @dataclass
@@ -74,9 +74,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         def decode_block(start: int, end: int) -> torch.Tensor:
             block = (kept.latents >= start) & (kept.latents < end)
             latents, rows = kept.latents[block], kept.rows[block]
-            counts = torch.bincount(rows, minlength=len(x))
             layout = entries_layout(latents, rows, self.d_sae, len(x))
-            return sparse_decode(kept.values[block], latents, W_dec, layout, counts.cumsum(0) - counts)
+            return sparse_decode(kept.values[block], latents, W_dec, layout, row_offsets(rows, len(x)))
 
         x_hat, mse = self.nested_reconstructions(x, decode_block)
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)

@@ -52,6 +52,12 @@ def entries_layout(latents: torch.Tensor, rows: torch.Tensor, d_sae: int, batch:
     return ActiveLayout(crow, rows[order], order, d_sae, batch)
 
 
+def row_offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """[batch] where each row's entries start, for entries sorted by row (rows [n])."""
+    counts = torch.bincount(rows, minlength=batch)
+    return counts.cumsum(0) - counts
+
+
 def _csr(layout: ActiveLayout, values_in_layout_order: torch.Tensor) -> torch.Tensor:
     return torch.sparse_csr_tensor(layout.crow, layout.rows, values_in_layout_order,
                                    size=(layout.d_sae, layout.batch), check_invariants=False)
