@@ -426,8 +426,12 @@ def test_batchtopk_training_steps_select_as_a_full_ranking_does():
         pre = sae.pre_activations(x)
         latents = sae(x).dense_latents(16)
         expected = naive_batch_topk(pre, 3)
-        assert torch.equal(latents != 0, expected != 0)
-        torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5 * max(1.0, pre.abs().max().item()))
+        tol = 1e-5 * max(1.0, pre.abs().max().item())  # the step recomputes pre: another CPU may round it apart
+        ranked = pre.relu().flatten().sort(descending=True).values
+        if ranked[3 * 20 - 1] - ranked[3 * 20] > tol:  # no near-tie at the cut: the same entries
+            assert torch.equal(latents != 0, expected != 0)
+            torch.testing.assert_close(latents, expected, rtol=0, atol=tol)
+        assert (latents != 0).sum() == 3 * 20
         assert sae.last_cut == pytest.approx(latents[latents > 0].min().item())
 
 
@@ -444,9 +448,12 @@ def test_batchtopk_calibration_sets_the_cut_of_the_sample_taken_as_one_batch(chu
     sae.calibrate_for_inference(sample)
     pre = sae.pre_activations(sample)
     entries = sorted(max(value, 0.0) for row in pre.tolist() for value in row)
-    assert sae.threshold.item() == pytest.approx(entries[-k * rows], rel=1e-6)
+    tol = 1e-5 * max(1.0, pre.abs().max().item())  # chunks are multiplied apart: rounding may differ per CPU
+    assert sae.threshold.item() == pytest.approx(entries[-k * rows], abs=tol)
     sae.eval()
-    assert (sae.encode(sample) != 0).sum().item() == k * rows - 1
+    # θ is one of the entries: encode's recomputed copy of it (or of a near-tie) may round to either side
+    near = sum(abs(value - sae.threshold.item()) <= tol for value in entries)
+    assert abs((sae.encode(sample) != 0).sum().item() - (k * rows - 1)) <= near
 
 
 def test_batchtopk_without_calibration_keeps_the_training_estimate():
