@@ -64,6 +64,14 @@ def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
         time.sleep(0.005)
 
 
+def freeze(process: subprocess.Popen) -> None:
+    """SIGSTOP and wait until the kernel reports the process stopped: the signal is delivered
+    asynchronously, and a process still running on the other core could finish a write meanwhile."""
+    process.send_signal(signal.SIGSTOP)
+    state = lambda: Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    wait_for(lambda: state() in ("T", "t"), timeout=30, what="the process to stop")
+
+
 def logged_step(run_dir: Path) -> int:
     """The last step in metrics.jsonl (0 before the first log line)."""
     path = run_dir / "metrics.jsonl"
@@ -131,7 +139,7 @@ def test_sigkill_inside_a_checkpoint_write_leaves_a_temp_that_the_resume_removes
     temps = lambda: list((run_dir / "checkpoints").glob(".step_*.tmp-*")) if (run_dir / "checkpoints").is_dir() else []
     while True:  # freeze the run with a temp checkpoint dir on disk, then kill it there
         wait_for(lambda: logged_step(run_dir) >= 200 and temps(), timeout=300, what="a checkpoint being written")
-        process.send_signal(signal.SIGSTOP)
+        freeze(process)
         if temps():
             break
         process.send_signal(signal.SIGCONT)  # the write finished in between: try the next one
