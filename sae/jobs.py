@@ -257,8 +257,9 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                 param_group["lr"] = lr
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
             x = batches.next()
-            out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
-                                          cfg.hardware)
+            with rows.guarded("the step's gradient all-reduce"):  # DDP's, in backward
+                out, loss = optimisation_step(sae, forward, optimizer, x, dead_latents.dead, coef, cfg.grad_clip,
+                                              cfg.hardware)
             step, flops = step + 1, flops + step_flops
             dead_latents.update(out, cfg.batch_size, step)
             progress.update(1)

@@ -37,9 +37,17 @@ class ProcessGroupCollective(Collective):
         self.rank, self.size, self.world = world.rank, world.size, world
 
     def _run(self, what: str, call):
-        try:
+        with self.guarded(what, every_runtime_error=True):  # an error here can only be the collective's
             return call()
+
+    @contextlib.contextmanager
+    def guarded(self, what: str, every_runtime_error: bool = False) -> Iterator[None]:
+        """Around other work (DDP's backward), only errors from the transport count as a lost rank."""
+        try:
+            yield
         except (RuntimeError, dist.DistError) as error:  # DistBackendError, DistNetworkError, timeouts
+            if not (every_runtime_error or isinstance(error, dist.DistError) or _from_transport(error)):
+                raise
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise LostRankError(f"rank {self.rank} of {self.size}: {what} failed ({first}); another rank died or hung "
                                 "(its own log says why); the run stops here and resumes from its last checkpoint "
@@ -70,6 +78,13 @@ class ProcessGroupCollective(Collective):
 
     def barrier(self) -> None:
         self._run("barrier", dist.barrier)
+
+
+def _from_transport(error: Exception) -> bool:
+    """A RuntimeError raised by gloo or NCCL (e.g. gloo's "[.../gloo/transport/tcp/pair.cc] Read
+    error" when the peer's socket closes)."""
+    text = str(error).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed", "broken pipe"))
 
 
 def free_port() -> int:
