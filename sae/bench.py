@@ -44,6 +44,7 @@ from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
 from sae.training.schedules import Schedule, SchedulerConfig, lr_at, sparsity_coef_at
 from sae.training import signum
+from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 
 GRAD_CLIP = 1.0  # scripts/train.py's default, so the timed step is the one training runs
@@ -136,6 +137,9 @@ class Case:
     b_dec_init: str = "mean"  # or "zeros": the decoder bias starts at the data mean (the trainer's) or at 0
     optimizer: str = "adam"  # or "signum": SignSGD under schedule-free averaging, sparsify's (sae/training/signum.py)
     dead_window: int | None = None  # tokens without firing before AuxK takes a latent on; None: an 8th of the run
+    resample_every: int = 0  # dead-latent resampling every this many steps (sae.resample_every; 0: never)
+    resample_until: float = 0.5  # sae.resample_until
+    resample_scale: float = 0.2  # sae.resample_encoder_scale
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -250,6 +254,9 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     end, untimed. Returns tokens_per_s (median over timed segments), train_seconds and the curve."""
     device = next(sae.parameters()).device
     external = case.impl in EXTERNAL
+    if case.resample_every and (not isinstance(sae, SparseCoder) or case.optimizer != "adam"):
+        raise ValueError(f"resample_every: ours with Adam only (resampling resets Adam's moments), got "
+                         f"impl {case.impl}, optimizer {case.optimizer}")
     optimizer = sae.make_optimizer() if external else study_optimizer(sae, case)
     schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
                                min_lr_ratio=case.min_lr_ratio)
@@ -274,6 +281,8 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
                 if case.impl in ("vanilla", "jumprelu") else 0.0)
         out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
         dead.update(out, len(batch), step + 1)
+        if resample_due(step + 1, case.resample_every or None, case.resample_until, n_steps):
+            resample_dead_latents(sae, optimizer, dead, batch, case.seed, step + 1, case.resample_scale)
         if case.eval_every and (step + 1) % case.eval_every == 0 and step + 1 < n_steps:
             seconds = clock.seconds()
             with clock.paused():

@@ -26,6 +26,7 @@ from sae.training.schedules import Schedule
 KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
          "min_lr_ratio": float, "optimizer": str, "b_dec_init": str,
+         "resample_every": int, "resample_until": float, "resample_scale": float,
          "jumprelu_coef": float, "bandwidth": float, "init_l0": int}  # the last three: JumpReLU's
 CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"], "b_dec_init": ["mean", "zeros"]}
 METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")

@@ -32,6 +32,7 @@ from sae.parallel.group import joined
 from sae.parallel.latents import full_optimizer_state, full_sae_state, local_optimizer_state, local_sae_state
 from sae.training.signals import STOP_SIGNALS, PendingSignals, StopRequested, deferred_stop_signals
 from sae.world import LOCAL, Collective, launched_world
+from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import Schedule, crosses_flop_boundary, lr_at, sparsity_coef_at
 
@@ -71,6 +72,9 @@ def extension_problem(saved: dict, cfg: TrainConfig, step: int | None) -> str | 
     if cfg.scheduler.name is not Schedule.constant:
         return (f"scheduler={cfg.scheduler.name.value} depends on num_steps (only scheduler=constant runs can be "
                 "extended)")
+    if cfg.sae.resample_every is not None and cfg.sae.resample_until < 1:
+        return (f"dead-latent resampling stops at sae.resample_until={cfg.sae.resample_until} of num_steps "
+                "(set it to 1 from the start to make a resampling run extendable)")
     if cfg.scheduler.warmup_for(old) != cfg.scheduler.warmup_for(cfg.num_steps):
         return (f"the warm-up depends on num_steps ({cfg.scheduler.warmup_for(old)} vs "
                 f"{cfg.scheduler.warmup_for(cfg.num_steps)} steps): set scheduler.warmup_steps to a fixed count "
@@ -262,6 +266,10 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                                               cfg.hardware)
             step, flops = step + 1, flops + step_flops
             dead_latents.update(out, cfg.batch_size, step)
+            if resample_due(step, cfg.sae.resample_every, cfg.sae.resample_until, cfg.num_steps):
+                restarted = resample_dead_latents(sae, optimizer, dead_latents, x, cfg.seed, step,
+                                                  cfg.sae.resample_encoder_scale)
+                tracker.log({"train/resampled": restarted}, step)
             progress.update(1)
 
             # -- logging, eval and checkpoints at their intervals --

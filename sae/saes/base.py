@@ -31,6 +31,10 @@ class SAEConfig:
     normalize: bool = True  # scale each source once so E||x||^2 = d_in; folded back when saved
     dead_window: int = 100_000  # a latent that has not fired for this many tokens is dead
     init_decoder_norm: float = 1.0
+    # dead-latent resampling (sae/training/resample.py): every this many steps (null: never) ...
+    resample_every: int | None = None
+    resample_until: float = 0.5  # ... while step <= this fraction of num_steps (then they settle)
+    resample_encoder_scale: float = 0.2  # a restarted encoder row's norm, x the alive latents' mean
 
     def __post_init__(self) -> None:
         own_type = next(f.default for f in fields(self) if f.name == "type")
@@ -48,6 +52,12 @@ class SAEConfig:
             raise ValueError(f"sae.dead_window must be > 0, got {self.dead_window}")
         if self.init_decoder_norm <= 0:
             raise ValueError(f"sae.init_decoder_norm must be > 0, got {self.init_decoder_norm}")
+        if self.resample_every is not None and self.resample_every <= 0:
+            raise ValueError(f"sae.resample_every must be > 0 (steps) or null (never), got {self.resample_every}")
+        if not 0 < self.resample_until <= 1:
+            raise ValueError(f"sae.resample_until must be in (0, 1] (a fraction of num_steps), got {self.resample_until}")
+        if self.resample_encoder_scale <= 0:
+            raise ValueError(f"sae.resample_encoder_scale must be > 0, got {self.resample_encoder_scale}")
 
 
 WEIGHTS_FORMAT = 2  # W_enc [d_sae, n_sources, d_in] (format 1, [n_sources, d_in, d_sae], is refused on load)
@@ -231,6 +241,11 @@ class SparseCoder(nn.Module):
 
     def after_optimizer_step(self) -> None:
         pass
+
+    @torch.no_grad()
+    def restart_latents(self, latents: torch.Tensor) -> None:
+        """Dead-latent resampling rewrote these latents' encoder, decoder and b_enc: put any other
+        per-latent parameter back to its initial value (none here)."""
 
     def sharded_parameters(self) -> set[str]:
         """Parameters whose first dimension is the latent (what latent sharding splits)."""

@@ -127,5 +127,9 @@ class JumpReLUSAE(UnitNormDecoder, SparseCoder):
         l0 = self.sum_over_latents(_Step.apply(pre, threshold, self.cfg.bandwidth).sum(dim=1).mean())
         return SAEOutput(x_hat, latents, mse, l0, x.new_zeros(()))
 
+    @torch.no_grad()
+    def restart_latents(self, latents: torch.Tensor) -> None:
+        self.log_threshold[latents] = math.log(self.cfg.init_threshold)
+
     def sharded_parameters(self) -> set[str]:
         return super().sharded_parameters() | {"log_threshold"}

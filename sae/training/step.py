@@ -76,9 +76,18 @@ class DeadLatents:
         fired = out.fired(d_sae) if self.rows.size == 1 else self.rows.sum(out.fire_counts(d_sae)) > 0
         self.tokens_since_fired.add_(batch_size).masked_fill_(fired, 0)
         if step % DEAD_CHECK_EVERY == 0:
-            dead = torch.nonzero(self.tokens_since_fired > self.window).flatten()
-            n_dead = self.latent_shards.sum(torch.tensor([dead.numel()], device=dead.device))
-            self.dead = dead if int(n_dead) else None
+            self.refresh_dead_set()
+
+    def refresh_dead_set(self) -> None:
+        """The dead set from the counters (a host sync; with sharded latents, a collective)."""
+        dead = torch.nonzero(self.tokens_since_fired > self.window).flatten()
+        n_dead = self.latent_shards.sum(torch.tensor([dead.numel()], device=dead.device))
+        self.dead = dead if int(n_dead) else None
+
+    def revive(self, latents: torch.Tensor) -> None:
+        """These (this shard's) latents were restarted: their counters start again (a collective)."""
+        self.tokens_since_fired[latents] = 0
+        self.refresh_dead_set()
 
     def dead_fraction(self) -> float:
         mask = self.mask()

@@ -15,6 +15,7 @@ from sae.parallel.group import free_port, joined  # noqa: F401 (the tests import
 from sae.parallel.latents import full_optimizer_state, full_sae_state
 from sae.saes import build_sae
 from sae.saes.base import SAEConfig
+from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.activations.batches import BatchStream, calibration_sample
 from sae.world import LOCAL, World
@@ -44,15 +45,18 @@ def train_steps(sae_cfg: SAEConfig, steps: int, batch_size: int, group=LOCAL, pa
     dead = DeadLatents(sae.d_sae, sae_cfg.dead_window, "cpu", rows, shards)
     batches = BatchStream(table, batch_size, torch.Generator().manual_seed(0), "cpu", part=batch_part(batch_size, rows))
     hardware = HardwareConfig()
-    losses = []
+    losses, restarted = [], 0
     for step in range(1, steps + 1):
-        out, loss = optimisation_step(sae, forward, optimizer, batches.next(), dead.dead, sae_cfg.sparsity_coef,
-                                      grad_clip, hardware)
+        x = batches.next()
+        out, loss = optimisation_step(sae, forward, optimizer, x, dead.dead, sae_cfg.sparsity_coef, grad_clip, hardware)
         dead.update(out, batch_size, step)
+        if resample_due(step, sae_cfg.resample_every, sae_cfg.resample_until, steps):
+            restarted += resample_dead_latents(sae, optimizer, dead, x, 0, step, sae_cfg.resample_encoder_scale)
         losses.append(rows.sum(loss.detach().clone()).item() / rows.size)
     optimizer_state = full_optimizer_state(optimizer, sae)["state"]
     return {"sae": full_sae_state(sae), "exp_avg_sq": {i: s["exp_avg_sq"] for i, s in optimizer_state.items()},
-            **dead.state(), "losses": losses, "dead_seen": dead.dead is not None}
+            **dead.state(), "losses": losses, "dead_seen": dead.dead is not None,
+            "restarted": restarted}
 
 
 def rank_main(rank: int, world_size: int, port: int, jobs: list, results) -> None:

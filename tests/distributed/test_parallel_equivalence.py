@@ -1,7 +1,8 @@
 """Two gloo processes train what one process trains: data parallel (each rank half of every
 global batch) and latent sharded (each rank half of the latents), for vanilla, TopK (with AuxK on
-dead latents), BatchTopK, JumpReLU and Matryoshka (data parallel only: its prefixes span shards), 300 steps, compared weight by weight, optimiser state and dead-latent
-counters included.
+dead latents; and with dead latents resampled), BatchTopK, JumpReLU and Matryoshka (data parallel
+only: its prefixes span shards), 300 steps, compared weight by weight, optimiser state and
+dead-latent counters included.
 
 Why float64: in float32 the two runs differ by rounding (a gradient summed in two halves), and
 TopK is discontinuous: a row whose k-th and (k+1)-th pre-activations are 1 ulp apart can pick a
@@ -22,6 +23,8 @@ STEPS, BATCH = 300, 256
 CONFIGS = {
     "vanilla": VanillaSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, dead_window=2048),
     "topk": TopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048),
+    # dead-latent resampling every 10 steps up to step 270 (23 restarts): the same latents restart from the same rows
+    "resampled": TopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=1024, resample_every=10, resample_until=0.9),
     "batchtopk": BatchTopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048),
     "jumprelu": JumpReLUSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, bandwidth=0.1,
                                   init_threshold=0.05, dead_window=2048),
@@ -50,7 +53,9 @@ def single_process_results() -> dict:
 def test_two_processes_train_the_single_process_sae(job, two_process_results, single_process_results):
     parallel, sae_type = job.split("-")
     ours, reference = two_process_results[job], single_process_results[sae_type]
-    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu"), "the setting must exercise AuxK"
+    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu", "resampled"), "the setting must exercise AuxK"
+    assert reference["restarted"] > 0 or sae_type != "resampled", "the setting must exercise resampling"
+    assert ours["restarted"] == reference["restarted"]
     for name, tensor in reference["sae"].items():
         torch.testing.assert_close(ours["sae"][name], tensor, rtol=1e-9, atol=1e-11, msg=f"{job}: {name}")
     for index, tensor in reference["exp_avg_sq"].items():

@@ -58,6 +58,7 @@ def test_saved_sae_takes_raw_activations(tmp_path, host_cache):
     TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128),  # short window: AuxK and dead counters active
     VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10),
     BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128),  # its threshold buffer too
+    TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128, resample_every=10, resample_until=0.9),
 ])
 def test_resumed_run_ends_with_the_same_weights(tmp_path, host_cache, sae_cfg):
     cfg = tiny_train_config(host_cache, sae=sae_cfg, checkpoint_every=15, num_steps=40)
@@ -233,6 +234,8 @@ def test_a_finished_constant_lr_run_extends_bit_identically_to_a_fresh_longer_ru
 @pytest.mark.parametrize("change, message", [
     (dict(scheduler=SchedulerConfig(name=Schedule.cosine, warmup_steps=5)), "scheduler=cosine depends on num_steps"),
     (dict(scheduler=SchedulerConfig(warmup_steps=None)), "the warm-up depends on num_steps"),
+    (dict(sae=TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, resample_every=10)),
+     "dead-latent resampling stops at sae.resample_until=0.5 of num_steps"),
 ])
 def test_extending_is_refused_in_one_line_when_the_schedule_depends_on_num_steps(tmp_path, host_cache, change, message):
     run_training(tiny_train_config(host_cache, num_steps=30, **change), tmp_path / "run")
@@ -319,3 +322,13 @@ def test_wandb_summaries_keep_each_metrics_best_and_the_final_evaluation(monkeyp
     assert sorted(tracker.run.defined) == [("eval/test/final.L0/acc_spliced", "max"),
                                            ("eval/test/final.L0/loss_recovered", "max"), ("train/loss", "min")]
     assert tracker.run.summary == {"final/eval/test/fvu": 0.1} and len(tracker.run.logged) == 2
+
+
+def test_resampling_restarts_dead_latents_at_its_steps_and_stops_at_its_fraction(tmp_path, host_cache):
+    sae_cfg = TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, dead_window=128, resample_every=10, resample_until=0.5)
+    summary = run_training(tiny_train_config(host_cache, sae=sae_cfg, num_steps=40), tmp_path / "run")
+    restarts = [(line["step"], line["train/resampled"]) for line in metrics_lines(tmp_path / "run")
+                if "train/resampled" in line]
+    assert [step for step, _ in restarts] == [10, 20]  # none after step 20 = 0.5 x 40
+    assert restarts[0][1] > 0  # a 128-token window at batch 64: latents are dead by step 10
+    assert 0 <= summary["eval/test/fvu"] < 1
