@@ -55,7 +55,8 @@ class SAEConfig:
         if self.resample_every is not None and self.resample_every <= 0:
             raise ValueError(f"sae.resample_every must be > 0 (steps) or null (never), got {self.resample_every}")
         if not 0 < self.resample_until <= 1:
-            raise ValueError(f"sae.resample_until must be in (0, 1] (a fraction of num_steps), got {self.resample_until}")
+            raise ValueError(f"sae.resample_until must be in (0, 1] (a fraction of num_steps), "
+                             f"got {self.resample_until}")
         if self.resample_encoder_scale <= 0:
             raise ValueError(f"sae.resample_encoder_scale must be > 0, got {self.resample_encoder_scale}")
 

@@ -6,8 +6,9 @@ Each dead latent takes one row of the batch, drawn with probability proportional
 its reconstruction error; the centred row x - b_dec, normalised, becomes the latent's direction:
 its decoder row at the alive latents' mean decoder norm, its encoder row at `encoder_scale` times
 their mean encoder norm (0.2 in the paper: the new latent starts small), its encoder bias 0, its
-other per-latent parameters at their initial values (JumpReLU's θ) and its Adam moments 0. The draw comes from a generator seeded by (seed, step), so a resumed run and every
-process of a parallel run make the same choices.
+other per-latent parameters at their initial values (JumpReLU's θ) and its Adam moments 0. The
+draw comes from a generator seeded by (seed, step), so a resumed run and every process of a
+parallel run make the same choices.
 """
 from __future__ import annotations
 
