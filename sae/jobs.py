@@ -72,9 +72,9 @@ def extension_problem(saved: dict, cfg: TrainConfig, step: int | None) -> str | 
     if cfg.scheduler.name is not Schedule.constant:
         return (f"scheduler={cfg.scheduler.name.value} depends on num_steps (only scheduler=constant runs can be "
                 "extended)")
-    if cfg.sae.resample_every is not None and cfg.sae.resample_until < 1:
-        return (f"dead-latent resampling stops at sae.resample_until={cfg.sae.resample_until} of num_steps "
-                "(set it to 1 from the start to make a resampling run extendable)")
+    if cfg.sae.resample_every is not None:
+        return ("dead-latent resampling's schedule depends on num_steps (sae.resample_until, and none in the "
+                "last interval)")
     if cfg.scheduler.warmup_for(old) != cfg.scheduler.warmup_for(cfg.num_steps):
         return (f"the warm-up depends on num_steps ({cfg.scheduler.warmup_for(old)} vs "
                 f"{cfg.scheduler.warmup_for(cfg.num_steps)} steps): set scheduler.warmup_steps to a fixed count "

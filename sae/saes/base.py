@@ -33,7 +33,7 @@ class SAEConfig:
     init_decoder_norm: float = 1.0
     # dead-latent resampling (sae/training/resample.py): every this many steps (null: never) ...
     resample_every: int | None = None
-    resample_until: float = 0.5  # ... while step <= this fraction of num_steps (then they settle)
+    resample_until: float = 0.5  # ... while step <= this fraction of num_steps, and never in the last interval
     resample_encoder_scale: float = 0.2  # a restarted encoder row's norm, x the alive latents' mean
 
     def __post_init__(self) -> None:

@@ -18,8 +18,13 @@ from sae.saes.base import SparseCoder
 from sae.training.step import DeadLatents
 
 def resample_due(step: int, every: int | None, until: float, num_steps: int) -> bool:
-    """After step `step` (1-based): a resample every `every` steps up to `until` x num_steps."""
-    return every is not None and step % every == 0 and step <= until * num_steps
+    """After step `step` (1-based): a resample every `every` steps up to `until` x num_steps, and
+    never in the last `every` steps: restarted latents always train for a whole interval before the
+    run ends (a restart at the last step left ~800 untrained latents in a 4M-token run's final
+    dictionary and its FVU at 0.39 instead of 0.13)."""
+    if every is None or step % every:
+        return False
+    return step <= until * num_steps and step + every <= num_steps
 
 
 @torch.no_grad()

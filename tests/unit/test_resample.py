@@ -124,3 +124,8 @@ def test_nothing_dead_changes_nothing():
 def test_resampling_is_due_every_so_many_steps_up_to_a_fraction_of_the_run(step, due):
     assert resample_due(step, every=10, until=0.5, num_steps=100) is due
     assert resample_due(step, every=None, until=0.5, num_steps=100) is False
+
+
+@pytest.mark.parametrize("step, due", [(80, True), (90, True), (95, False), (100, False)])
+def test_the_last_interval_of_a_run_has_no_resampling(step, due):
+    assert resample_due(step, every=10, until=1.0, num_steps=100) is due
