@@ -17,6 +17,7 @@ import torch
 from sae.saes.base import SparseCoder
 from sae.training.step import DeadLatents
 
+
 def resample_due(step: int, every: int | None, until: float, num_steps: int) -> bool:
     """After step `step` (1-based): a resample every `every` steps up to `until` x num_steps, and
     never in the last `every` steps: restarted latents always train for a whole interval before the
@@ -39,12 +40,13 @@ def resample_dead_latents(sae: SparseCoder, optimizer: torch.optim.Optimizer, de
     n_dead = int(whole_dead.sum())
     if n_dead == 0:
         return 0
+    # one direction per dead latent of the whole dictionary, in latent order; this shard takes its own
     directions = _sampled_directions(sae, x, n_dead, seed, step)  # [n_dead, n_sources x d_in], unit rows
     start = shards.rank * sae.d_sae
-    mine = torch.nonzero(whole_dead).flatten()
-    mine_in_order = (mine >= start) & (mine < start + sae.d_sae)
-    local = mine[mine_in_order] - start
-    directions = directions[mine_in_order]
+    dead_ids = torch.nonzero(whole_dead).flatten()
+    on_this_shard = (dead_ids >= start) & (dead_ids < start + sae.d_sae)
+    local = dead_ids[on_this_shard] - start
+    directions = directions[on_this_shard]
     alive = ~local_dead
     enc_norm = _mean_alive_norm(sae.W_enc.flatten(1), alive, shards)
     dec_norm = _mean_alive_norm(sae.W_dec.flatten(1), alive, shards)
