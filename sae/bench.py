@@ -140,19 +140,29 @@ class Case:
     resample_every: int = 0  # dead-latent resampling every this many steps (sae.resample_every; 0: never)
     resample_until: float = 0.5  # sae.resample_until
     resample_scale: float = 0.2  # sae.resample_encoder_scale
+    varied_complexity: bool = False  # a geometric number of features per token (mean k / 2) instead of exactly k / 2
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
-def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [n, d_in], true features [n_true, d_in]) from one seed."""
+def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int,
+                          varied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, d_in], true features [n_true, d_in]) from one seed. Each token sums k_true
+    features, or with `varied` a geometric count of mean k_true (at most 4 k_true): rows that differ
+    in complexity, ~13% of them with more than 2 k_true features (more than the benchmark's k), the
+    case BatchTopK's per-batch budget is for."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n_true, d_in, generator=generator)
     features /= features.norm(dim=1, keepdim=True)
+    slots = 4 * k_true if varied else k_true
     chunks = []
     for start in range(0, n, 1 << 16):
         m = min(1 << 16, n - start)
-        indices = torch.randint(n_true, (m, k_true), generator=generator)
-        magnitudes = torch.rand(m, k_true, generator=generator)
+        indices = torch.randint(n_true, (m, slots), generator=generator)
+        magnitudes = torch.rand(m, slots, generator=generator)
+        if varied:
+            counts = (torch.empty(m, 1).geometric_(1 / k_true, generator=generator) if k_true > 1
+                      else torch.ones(m, 1))  # 1, 2, ...: mean k_true
+            magnitudes *= torch.arange(slots) < counts
         x = F.embedding_bag(indices, features, per_sample_weights=magnitudes, mode="sum")
         chunks.append(x + 0.01 * torch.randn(m, d_in, generator=generator))
     x = torch.cat(chunks)
@@ -216,7 +226,8 @@ def run_case(case: Case) -> dict:
     device = torch.device(case.device)
     n_train = case.tokens // case.batch * case.batch
     n_true = max(1, round(case.true_features * case.d_sae))
-    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n_train + EVAL_TOKENS, case.seed)
+    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n_train + EVAL_TOKENS, case.seed,
+                                        case.varied_complexity)
     x = x.to(device)
     train, x_eval = x[:n_train], x[n_train:]
     torch.manual_seed(case.seed)

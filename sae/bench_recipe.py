@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=819_200)
     parser.add_argument("--true-features", type=float, default=0.5, help="ground-truth features per latent")
+    parser.add_argument("--varied-complexity", action="store_true",
+                        help="a geometric number of true features per token (mean k/2; 13%% above k) instead of k/2")
     parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "sparsify",
                                                         "saelens"],
                         help="sparsify, saelens: their own recipe (no --vary), for a reference row over the same seeds")
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in args.seeds:
                 case = dataclasses.replace(defaults, impl=args.impl, d_in=d_in, d_sae=d_sae, k=k, tokens=args.tokens,
                                            threads=threads, seed=seed, true_features=args.true_features,
+                                           varied_complexity=args.varied_complexity,
                                            **recipe)
                 result = {**run_case(case), "recipe": describe(recipe, base)}
                 result.pop("curve")

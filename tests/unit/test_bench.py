@@ -14,6 +14,24 @@ def test_synthetic_activations_are_normalised_sums_of_unit_features():
     assert torch.equal(x, again)
 
 
+def test_varied_complexity_spreads_the_feature_count_per_token_past_k():
+    """Features fewer than d_in are linearly independent: least squares reads each token's
+    coefficients back, and the tokens' counts of clearly active features show the spread (small
+    magnitudes and repeated draws hide some features, so counts read low in both modes)."""
+    counts = {}
+    for varied in (False, True):
+        x, features = synthetic_activations(d_in=64, n_true=16, k_true=4, n=4000, seed=0, varied=varied)
+        coefficients = torch.linalg.lstsq(features.t(), x.t()).solution.t()  # [tokens, features]
+        counts[varied] = (coefficients.abs() > 0.1 * coefficients.abs().max()).sum(dim=1).float()
+    assert counts[False].max() <= 4  # exactly 4 drawn
+    assert counts[True].max() > 8  # more than 2 k_true (the benchmark's k) on some tokens: 12 here
+    assert (counts[True] >= 5).float().mean() > 0.05  # 13% here
+    assert (counts[True] <= 1).float().mean() > 2 * (counts[False] <= 1).float().mean()  # 43% vs 7% here
+    assert abs(counts[True].mean() - counts[False].mean()) < 0.6  # the same mean drawn (read: 2.3 vs 2.8)
+    again, _ = synthetic_activations(d_in=64, n_true=16, k_true=4, n=4000, seed=0, varied=True)
+    assert torch.equal(again, synthetic_activations(d_in=64, n_true=16, k_true=4, n=4000, seed=0, varied=True)[0])
+
+
 def test_quality_recovers_a_dictionary_that_holds_the_true_features():
     x, features = synthetic_activations(d_in=16, n_true=20, k_true=2, n=2000, seed=1)
     sae = DenseTopKReference(16, 24, k=2, k_aux=4, aux_coef=0.0)
