@@ -96,3 +96,7 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+        # run.finish() returns while W&B's service process may still append to the run's
+        # logs/debug-internal.log; tearing the service down waits for it, so the run dir is final
+        # when the job reports done (CI saw a byte written after a finished run's return).
+        self._wandb.teardown()

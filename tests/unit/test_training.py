@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 import shutil
+import time
 
 import pytest
 import torch
@@ -252,6 +253,8 @@ def test_rerunning_a_finished_run_writes_nothing(tmp_path, host_cache):
     cfg = tiny_train_config(host_cache, num_steps=20, tracking=TrackingConfig(mode=WandbMode.offline))
     first = run_training(cfg, tmp_path / "run")
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    time.sleep(1.0)  # nothing of the finished run (W&B's service included) writes after it returned
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert run_training(cfg, tmp_path / "run") == first
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
