@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.bench_external import EXTERNAL, build_external, external_available
+from sae.bench_hierarchy import HierarchicalData, absorption, hierarchical_activations, parents_per_token
 from sae.saes import build_sae
 from sae.activations.batches import calibration_sample
 from sae.saes.base import SAEOutput, SparseCoder
@@ -141,6 +142,7 @@ class Case:
     resample_until: float = 0.5  # sae.resample_until
     resample_scale: float = 0.2  # sae.resample_encoder_scale
     varied_complexity: bool = False  # a geometric number of features per token (mean k / 2) instead of exactly k / 2
+    children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench_hierarchy.py)
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -225,9 +227,7 @@ def run_case(case: Case) -> dict:
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)
     n_train = case.tokens // case.batch * case.batch
-    n_true = max(1, round(case.true_features * case.d_sae))
-    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n_train + EVAL_TOKENS, case.seed,
-                                        case.varied_complexity)
+    x, features, hierarchy = synthetic_data(case, n_train + EVAL_TOKENS)
     x = x.to(device)
     train, x_eval = x[:n_train], x[n_train:]
     torch.manual_seed(case.seed)
@@ -243,7 +243,12 @@ def run_case(case: Case) -> dict:
     def evaluate() -> dict:
         if isinstance(sae, SparseCoder):  # as the trainer does before it evaluates (BatchTopK's θ)
             sae.calibrate_for_inference(sample)
-        return best_quality(sae, x_eval, features)
+        scores = best_quality(sae, x_eval, features)
+        if hierarchy is not None:
+            sae.eval()
+            scores |= absorption(sae, hierarchy, slice(n_train, None), decoder_rows(sae))
+            sae.train()
+        return scores
 
     timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,
                        evaluate=evaluate)
@@ -251,6 +256,16 @@ def run_case(case: Case) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {**case.__dict__, "steps": n_steps, **timing, "peak_memory_gib": peak / 2**30,
             **encoder_matmul_floor(case, device), **timing["curve"][-1]}
+
+
+def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, HierarchicalData | None]:
+    """(tokens, true features, the hierarchy's bookkeeping or None) for the case's data."""
+    n_true = max(1, round(case.true_features * case.d_sae))
+    if case.children:
+        data = hierarchical_activations(case.d_in, n_true, case.children, parents_per_token(case.k), n, case.seed)
+        return data.x, data.features, data
+    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n, case.seed, case.varied_complexity)
+    return x, features, None
 
 
 def default_k_aux(d_in: int) -> int:

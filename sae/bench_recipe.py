@@ -29,8 +29,13 @@ KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": flo
          "resample_every": int, "resample_until": float, "resample_scale": float,
          "jumprelu_coef": float, "bandwidth": float, "init_l0": int}  # the last three: JumpReLU's
 CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signum"], "b_dec_init": ["mean", "zeros"]}
-METRICS = ("fvu", "recovered", "dead_frac", "l0", "mean_max_cos")
-FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f"}
+METRICS = {"fvu": "FVU", "recovered": "recovered", "dead_frac": "dead", "l0": "L0", "mean_max_cos": "mean max cos"}
+HIERARCHY_METRICS = {"parents_recovered": "parents recovered", "children_recovered": "children recovered",
+                     "parent_recall_alone": "parent recall alone", "parent_recall_with_child": "with a child",
+                     "absorption": "absorption"}  # --children (sae/bench_hierarchy.py)
+FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f",
+           "parents_recovered": "%", "children_recovered": "%", "parent_recall_alone": ".3f",
+           "parent_recall_with_child": ".3f", "absorption": ".3f"}
 
 
 def parse_vary(text: str) -> tuple[str, list]:
@@ -58,15 +63,15 @@ def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:
 
 def summarise(results: list[dict]) -> str:
     """Markdown: one row per (size, recipe), mean ± sd over seeds, paired p-value on FVU vs the base."""
-    lines = ["| size (d_in, d_sae, k) | recipe | seeds | FVU | recovered | dead | L0 | mean max cos "
-             "| p (FVU vs base) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    metrics = METRICS | (HIERARCHY_METRICS if "absorption" in results[0] else {})
+    lines = [f"| size (d_in, d_sae, k) | recipe | seeds | {' | '.join(metrics.values())} | p (FVU vs base) |",
+             "| --- " * (len(metrics) + 4) + "|"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["d_in"], r["d_sae"], r["k"], r["recipe"]), []).append(r)
     for (d_in, d_sae, k, recipe), runs in groups.items():
         base_runs = {r["seed"]: r for r in groups[(d_in, d_sae, k, "base")]}
-        cells = [_mean_sd([r[m] for r in runs], FORMATS[m]) for m in METRICS]
+        cells = [_mean_sd([r[m] for r in runs], FORMATS[m]) for m in metrics]
         pairs = [(r["fvu"], base_runs[r["seed"]]["fvu"]) for r in runs if r["seed"] in base_runs]
         p = "-" if recipe == "base" or len(pairs) < 2 else _paired_p(pairs)
         lines.append(f"| {(d_in, d_sae, k)} | {recipe} | {len(runs)} | {' | '.join(cells)} | {p} |")
@@ -104,12 +109,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--true-features", type=float, default=0.5, help="ground-truth features per latent")
     parser.add_argument("--varied-complexity", action="store_true",
                         help="a geometric number of true features per token (mean k/2; 13%% above k) instead of k/2")
+    parser.add_argument("--children", type=int, default=0,
+                        help="> 0: hierarchical features, each parent with this many children; adds the "
+                             "absorption columns (sae/bench_hierarchy.py)")
     parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "sparsify",
                                                         "saelens"],
                         help="sparsify, saelens: their own recipe (no --vary), for a reference row over the same seeds")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write every run here")
     args = parser.parse_args(argv)
+    if args.children < 0:
+        parser.error(f"--children must be >= 0 (0: no hierarchy), got {args.children}")
+    if args.children and args.varied_complexity:
+        parser.error("--children and --varied-complexity draw two different kinds of data: pick one")
     defaults = Case("topk", 0, 0, 0, 4096, 0, 2e-3, "cpu", 1, "float32")
     base = {key: getattr(defaults, key) for key in KNOBS}
     for key, values in args.base:
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in args.seeds:
                 case = dataclasses.replace(defaults, impl=args.impl, d_in=d_in, d_sae=d_sae, k=k, tokens=args.tokens,
                                            threads=threads, seed=seed, true_features=args.true_features,
-                                           varied_complexity=args.varied_complexity,
+                                           varied_complexity=args.varied_complexity, children=args.children,
                                            **recipe)
                 result = {**run_case(case), "recipe": describe(recipe, base)}
                 result.pop("curve")
