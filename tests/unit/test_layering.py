@@ -14,7 +14,7 @@ LAYERS = [
     {"activations"},
     {"metrics"},
     {"training"},
-    {"bench_external"},  # other libraries' SAEs under our training loop's interface (schedule-free iterates)
+    {"bench_external", "bench_hierarchy"},  # synthetic data with a hierarchy; other libraries' SAEs under our training loop's interface (schedule-free iterates)
     {"config"},
     {"jobs", "slurm_preflight"},
     {"launch", "bench", "bench_parallel"},
