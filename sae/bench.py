@@ -143,6 +143,7 @@ class Case:
     resample_scale: float = 0.2  # sae.resample_encoder_scale
     varied_complexity: bool = False  # a geometric number of features per token (mean k / 2) instead of exactly k / 2
     children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench_hierarchy.py)
+    token_features: int | None = None  # true features per token (on average); None: k / 2, the slack TopK gets
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -261,10 +262,11 @@ def run_case(case: Case) -> dict:
 def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, HierarchicalData | None]:
     """(tokens, true features, the hierarchy's bookkeeping or None) for the case's data."""
     n_true = max(1, round(case.true_features * case.d_sae))
+    per_token = case.token_features or max(1, case.k // 2)
     if case.children:
-        data = hierarchical_activations(case.d_in, n_true, case.children, parents_per_token(case.k), n, case.seed)
+        data = hierarchical_activations(case.d_in, n_true, case.children, parents_per_token(per_token), n, case.seed)
         return data.x, data.features, data
-    x, features = synthetic_activations(case.d_in, n_true, max(1, case.k // 2), n, case.seed, case.varied_complexity)
+    x, features = synthetic_activations(case.d_in, n_true, per_token, n, case.seed, case.varied_complexity)
     return x, features, None
 
 

@@ -31,9 +31,9 @@ class HierarchicalData:
     n_parents: int
 
 
-def parents_per_token(k: int) -> int:
-    """About k / 2 true features per token, as the flat benchmark: 1.5 per parent on average."""
-    return max(1, round(k / 3))
+def parents_per_token(features_per_token: int) -> int:
+    """Parents for about this many true features per token (1.5 per parent on average)."""
+    return max(1, round(features_per_token / 1.5))
 
 
 def hierarchical_activations(d_in: int, n_true: int, children: int, per_token: int, n: int,

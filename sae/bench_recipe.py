@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--children", type=int, default=0,
                         help="> 0: hierarchical features, each parent with this many children; adds the "
                              "absorption columns (sae/bench_hierarchy.py)")
+    parser.add_argument("--token-features", type=int, default=None,
+                        help="true features per token (on average); default k / 2 of each size")
     parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "sparsify",
                                                         "saelens"],
                         help="sparsify, saelens: their own recipe (no --vary), for a reference row over the same seeds")
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.children < 0:
         parser.error(f"--children must be >= 0 (0: no hierarchy), got {args.children}")
+    if args.token_features is not None and args.token_features < 1:
+        parser.error(f"--token-features must be >= 1, got {args.token_features}")
     if args.children and args.varied_complexity:
         parser.error("--children and --varied-complexity draw two different kinds of data: pick one")
     defaults = Case("topk", 0, 0, 0, 4096, 0, 2e-3, "cpu", 1, "float32")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 case = dataclasses.replace(defaults, impl=args.impl, d_in=d_in, d_sae=d_sae, k=k, tokens=args.tokens,
                                            threads=threads, seed=seed, true_features=args.true_features,
                                            varied_complexity=args.varied_complexity, children=args.children,
+                                           token_features=args.token_features,
                                            **recipe)
                 result = {**run_case(case), "recipe": describe(recipe, base)}
                 result.pop("curve")

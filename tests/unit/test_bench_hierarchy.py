@@ -1,8 +1,10 @@
 """Hierarchical synthetic features (a child only with its parent) and the absorption metric."""
+import dataclasses
+
 import pytest
 import torch
 
-from sae.bench import DenseTopKReference, decoder_rows
+from sae.bench import Case, DenseTopKReference, decoder_rows, synthetic_data
 from sae.bench_hierarchy import absorption, hierarchical_activations, recall_by_context
 from sae.bench_recipe import main
 
@@ -69,7 +71,22 @@ def test_the_study_reports_absorption_with_children(capsys):
     assert "| absorption |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("children", [0, 3])
+def test_token_features_sets_the_true_features_per_token_apart_from_k(children):
+    """k 16 reads 8 features per token by default; --token-features 3 draws 3 (flat) or 2 parents
+    with half a child each (hierarchy), whatever k is: L0 slack becomes a knob of its own."""
+    case = Case("topk", 64, 64, 16, 256, 0, 1e-3, "cpu", 1, "float32", true_features=0.25, children=children)
+    for token_features, most in ((None, 8 if not children else 5 * 2), (3, 3 if not children else 2 * 2)):
+        x, features, hierarchy = synthetic_data(dataclasses.replace(case, token_features=token_features), 2000)
+        read = torch.linalg.lstsq(features.t(), x.t()).solution.t().abs()
+        counts = (read > 0.1 * read.max()).sum(dim=1)
+        assert counts.max() <= most and counts.float().mean() > most / 3
+        if children:
+            assert hierarchy.parents.shape[1] == most // 2
+
+
 @pytest.mark.parametrize("args, message", [(["--children", "-1"], "--children must be >= 0"),
+                                           (["--token-features", "0"], "--token-features must be >= 1"),
                                            (["--children", "2", "--varied-complexity"], "pick one")])
 def test_bad_children_are_refused_before_any_run(args, message, capsys):
     with pytest.raises(SystemExit):
