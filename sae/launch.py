@@ -188,6 +188,19 @@ def _detach_file_handlers(output_dir: Path) -> list[logging.Handler]:
     return held
 
 
+def _say(line: str, in_run_log: bool) -> None:
+    """The job's last word: one line on stderr (the scripts' contract); a job that started also keeps it
+    in its run dir's train.log (a refused one writes nothing there). Straight to the file handlers,
+    since Hydra's console handler writes to stdout and would print the line twice."""
+    print(line, file=sys.stderr, flush=True)
+    if not in_run_log:
+        return
+    record = logging.getLogger(__name__).makeRecord(__name__, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
     """The scripts' body: typed config, then `job(config, output_dir, on_start)`.
 
@@ -213,13 +226,13 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
             records.finish("failed", str(error))
         else:
             records.refused(str(error), is_sweep_job)
-        print(f"Error: {error}", file=sys.stderr, flush=True)
+        _say(f"Error: {error}", in_run_log=records.started)
         if is_sweep_job:
             raise JobFailedError(str(error)) from None
         sys.exit(1)
     except StopRequested as stop:  # SIGTERM: the step was checkpointed
         records.finish(stop.status, stop.message)
-        print(f"Stopped: {stop.message}", file=sys.stderr, flush=True)
+        _say(f"Stopped: {stop.message}", in_run_log=True)
         raise
     except SystemExit as stop:  # submitit's requeue after a time-limit/preemption signal
         records.finish("requeued", f"SystemExit: {stop.code}")

@@ -173,6 +173,7 @@ def test_sigterm_checkpoints_the_step_marks_the_job_cancelled_and_resumes(tmp_pa
     newest = checkpoint_dirs(run_dir)[0]
     assert newest.name == f"step_{stopped_at:07d}" and checkpoint_problem(newest, "cpu")[0] is None
     assert stderr.replace("\r", "\n").strip().splitlines()[-1].startswith(f"Stopped: SIGTERM at step {stopped_at}")
+    assert f"Stopped: SIGTERM at step {stopped_at}" in (run_dir / "train.log").read_text().splitlines()[-1]
     resumed = train(run_dir, hosts, *LONG)
     assert resumed.returncode == 0 and f"(step {stopped_at}/3000)" in resumed.stdout
     assert_same_weights(reference, run_dir)
@@ -239,6 +240,7 @@ def test_a_diverging_lr_stops_the_run_as_failed_with_only_finite_checkpoints(tmp
     assert result.returncode == 1
     assert last_line(result).startswith("Error: training diverged at step ")
     assert "likely cause: lr=1000 too high" in last_line(result)
+    assert last_line(result) in (run_dir / "train.log").read_text().splitlines()[-1]  # the run's log says it too
     assert status(run_dir)["status"] == "failed" and not (run_dir / "final_metrics.json").exists()
     assert checkpoint_dirs(run_dir)
     for checkpoint in checkpoint_dirs(run_dir):
