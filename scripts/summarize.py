@@ -5,6 +5,7 @@ tail) and frontier.png (FVU vs L0 per SAE type, only when some job completed) in
 prints the Markdown table, and exits 1 unless every planned job completed.
 """
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a sweep dir, e.g. outputs/sweeps/<date>/<time>")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="Warning: %(message)s")
     try:
         jobs = summarise(args.sweep_dir)
     except FileNotFoundError as error:

@@ -10,13 +10,17 @@ says so, with the error), `incomplete` (started, never finished: killed or still
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae.atomic_io import atomic_file
 from sae.launch import sweep_subdir
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["step", "eval/test/fvu", "eval/test/l0", "eval/test/dead_frac", "eval/train/fvu"]
 # the reconstruction spliced into the host, on test pairs, averaged over the sources
@@ -212,9 +216,31 @@ def plot_frontier(jobs: list[JobResult], path: Path, label_keys: list[str] = ())
     plt.close(fig)
 
 
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group the sweep's jobs logged to: what a job's config.json recorded (the job resolved
+    hydra.sweep.dir, e.g. its `${now:...}`, which only Hydra can), else the dir as the jobs name it."""
+    for config in sorted(Path(sweep_dir).glob("*/config.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            group = json.loads(config.read_text()).get("tracking", {}).get("group")
+            if group:
+                return group
+    return str(sweep_dir).rstrip("/").replace("/", "_")
+
+
 def log_sweep_to_wandb(sweep_dir: Path, paths: dict[str, Path]) -> Path | None:
     """The frontier plot and the summary table as a "sweep-summary" W&B run in the sweep's group
-    (the group its jobs logged to), with the sweep's tracking settings; None when tracking is off."""
+    (the group its jobs logged to), with the sweep's tracking settings; None when tracking is off.
+    W&B failing (no service, no credentials, a full disk) is a warning: the summary files stand."""
+    try:
+        return _log_sweep_to_wandb(sweep_dir, paths)
+    except Exception as error:  # noqa: BLE001 - W&B is optional here; any failure of it must not end the summary
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        log.warning(f"W&B summary run not written ({type(error).__name__}: {first}); the summary files in "
+                    f"{sweep_dir} are complete")
+        return None
+
+
+def _log_sweep_to_wandb(sweep_dir: Path, paths: dict[str, Path]) -> Path | None:
     from omegaconf import OmegaConf
 
     from sae.tracking import TrackingConfig, WandbMode
@@ -228,9 +254,8 @@ def log_sweep_to_wandb(sweep_dir: Path, paths: dict[str, Path]) -> Path | None:
     mode = WandbMode(tracking.get("mode", "offline"))
     if mode is WandbMode.disabled:
         return None
-    group = str(OmegaConf.select(saved, "hydra.sweep.dir")).replace("/", "_")
     cfg = TrackingConfig(mode=mode, project=tracking.get("project", "train-sae"), entity=tracking.get("entity"),
-                         name="sweep-summary", group=group)
+                         name="sweep-summary", group=sweep_group(sweep_dir))
     tracker = WandbTracker(cfg, Path(sweep_dir), {"sweep_dir": str(sweep_dir)})
     if "frontier" in paths:
         tracker.log_image("sweep/frontier", paths["frontier"], step=0)
