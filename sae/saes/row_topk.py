@@ -13,6 +13,8 @@ devices and dtypes (CUDA, bfloat16) take torch.topk; so does everything when num
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import torch
 
@@ -25,8 +27,56 @@ except ImportError:  # pragma: no cover - numba is an install requirement; keep 
     numba = None
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+CACHE_HINT = "set NUMBA_CACHE_DIR to a writable dir to choose where"
 # fastmath without 'nnan'/'ninf': -inf and NaN must compare as IEEE says
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+def _writable_temp_cache() -> str | None:
+    """A per-user numba cache dir under the temp dir, or None where even that cannot be written."""
+    try:
+        path = os.path.join(tempfile.gettempdir(), f"numba-cache-{os.getuid()}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return path
+    except OSError:  # gettempdir raises FileNotFoundError when no temp dir is writable
+        return None
+
+
+def _cached_njit(**options):
+    """numba.njit(cache=True, **options), falling back where numba has no writable cache location
+    (a read-only install and no writable HOME: numba raises "no locator available" at decoration).
+    The cache only saves the compile at a process's first call, so it never fails the import:
+    a per-user temp dir takes the cache (one warning), or the kernel compiles without one."""
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError as error:
+            if "no locator available" not in str(error):
+                raise
+        where = f"beside {__file__} or in the user's cache dir"
+        if not numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, when set, is the user's choice: keep it
+            fallback = _writable_temp_cache()
+            if fallback is not None:
+                numba.config.CACHE_DIR = fallback  # read when each cached function is decorated
+                _warn_once(f"numba cannot write its cache {where}; caching the top-k kernel in {fallback} "
+                           f"instead ({CACHE_HINT})")
+                return numba.njit(cache=True, **options)(function)
+        _warn_once(f"numba cannot write its cache {where} (NUMBA_CACHE_DIR={numba.config.CACHE_DIR or 'unset'}); "
+                   f"the top-k kernel compiles without a cache at each process's first TopK step ({CACHE_HINT})")
+        return numba.njit(cache=False, **options)(function)
+    return decorate
+
+
+_cache_warning_given = False
+
+
+def _warn_once(message: str) -> None:
+    """One warning per process: both kernels fall back the same way."""
+    global _cache_warning_given
+    if not _cache_warning_given:
+        log.warning(message)
+    _cache_warning_given = True
 
 
 def group_count(n: int, k: int) -> int:
@@ -108,13 +158,13 @@ if numba is not None:
     # Two builds of the row loop. The parallel one starts an OpenMP pool whose idle threads spin:
     # with one torch thread per process (SLURM tasks, notebooks side by side) they took the other
     # processes' cores, and small runs went 10x slower. One torch thread takes the serial build.
-    @numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
+    @_cached_njit(fastmath=_FASTMATH, nogil=True)
     def _topk_rows_serial(pre, k, n_groups, out_values, out_indices, complete):
         maxima = np.empty(n_groups, pre.dtype)
         for r in range(len(pre)):
             complete[r] = _topk_row(pre[r], k, n_groups, maxima, out_values[r], out_indices[r])
 
-    @numba.njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=True)
+    @_cached_njit(parallel=True, fastmath=_FASTMATH, nogil=True)
     def _topk_rows_parallel(pre, k, n_groups, out_values, out_indices, complete):
         maxima = np.empty((len(pre), n_groups), pre.dtype)
         for r in numba.prange(len(pre)):
