@@ -4,7 +4,9 @@ cropped and batched for an ESM-2 host.
 - Streamed: records are read one at a time, so a FASTA larger than memory works; gzipped files
   (`.fasta.gz`, as UniProt/UniRef ship them) are decompressed on the fly.
 - Validated by `scan_fasta` before any work: not FASTA / empty file, duplicated ids, empty records,
-  characters outside the amino-acid alphabet. `task.invalid_residues` says what happens to a record
+  characters outside the amino-acid alphabet. Blank lines (also before the first record) are
+  skipped; lowercase residues (soft-masked sequences) are upper-cased and counted in one warning.
+  `task.invalid_residues` says what happens to a record
   with a bad character: `error` (default, names file, record id and position), `skip` (dropped and
   counted), `replace_with_X` (each bad character becomes X, counted). Empty records are an error
   unless the policy is skip. Counts are reported; nothing is dropped silently.
@@ -34,6 +36,7 @@ from sae.errors import UserInputError
 
 # The amino-acid letters ESM-2's alphabet holds: the 20 standard residues and X B U Z O.
 AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 SORT_BUFFER_RECORDS = 2048
 
 
@@ -105,6 +108,8 @@ class FastaScan:
     cropped_records: int = 0
     longest: int = 0  # residues of the longest record, before cropping
     non_utf8_headers: int = 0
+    uppercased_residues: int = 0  # lowercase (soft-masked) residues read as their uppercase letters
+    uppercased_records: int = 0
     sha256: str = ""
 
     def report(self, path: str, task: ProteinTaskConfig) -> str:
@@ -122,10 +127,14 @@ class FastaScan:
                 f"after cropping" + (f"; {', '.join(changed)}" if changed else ""))
 
     def warnings(self, path: str) -> list[str]:
-        if not self.non_utf8_headers:
-            return []
-        return [f"task.fasta: {path}: {self.non_utf8_headers} record header(s) are not UTF-8; their undecodable "
-                "bytes were replaced by U+FFFD in the record ids"]
+        notes = []
+        if self.uppercased_residues:
+            notes.append(f"task.fasta: {path}: {self.uppercased_residues} lowercase residue(s) in "
+                         f"{self.uppercased_records} record(s) (soft-masked?) were read as uppercase")
+        if self.non_utf8_headers:
+            notes.append(f"task.fasta: {path}: {self.non_utf8_headers} record header(s) are not UTF-8; their "
+                         "undecodable bytes were replaced by U+FFFD in the record ids")
+        return notes
 
 
 def is_held_out(record_id: str, task: ProteinTaskConfig) -> bool:
@@ -186,13 +195,29 @@ def _check_looks_like_fasta(path: Path) -> None:
         raise FastaError(f"task.fasta: {path} is empty (no FASTA records)")
     if head.startswith(b"\xef\xbb\xbf"):
         raise FastaError(f"task.fasta: {path} starts with a UTF-8 byte-order mark; save it without one")
-    first_line = head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    first_line = head.lstrip().split(b"\n", 1)[0].decode("utf-8", "replace").strip()
     if not first_line.startswith(">"):
         kind = "FASTQ (not supported)" if first_line.startswith("@") else "not FASTA"
         raise FastaError(f"task.fasta: {path} is {kind}: its first line must start with '>', found '{first_line[:40]}'")
 
 
-def _clean(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -> tuple[Optional[str], int]:
+@dataclass(frozen=True)
+class Cleaned:
+    sequence: Optional[str]  # after upper-casing and the policy; None if the policy skipped the record
+    replaced: int = 0  # residues the policy replaced with X
+    uppercased: int = 0  # lowercase ASCII letters read as uppercase
+
+
+def _clean(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -> Cleaned:
+    """The record's sequence upper-cased (ASCII letters only: anything else stays for the policy),
+    then `task.invalid_residues` applied to characters outside the amino-acid alphabet."""
+    upper = sequence.translate(ASCII_UPPER)
+    uppercased = sum(a != b for a, b in zip(sequence, upper)) if upper != sequence else 0
+    cleaned, replaced = _apply_policy(record_id, upper, path, policy)
+    return Cleaned(cleaned, replaced, uppercased)
+
+
+def _apply_policy(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -> tuple[Optional[str], int]:
     """(sequence after the policy or None if skipped, number of replaced residues)."""
     if not sequence:
         if policy is InvalidResidues.skip:
@@ -217,13 +242,17 @@ def _clean(record_id: str, sequence: str, path: Path, policy: InvalidResidues) -
 
 
 def _parse(path: Path) -> Iterator[tuple[str, str, bool]]:
-    """(id, sequence, whether the header was valid UTF-8) per record, streamed."""
-    from Bio import SeqIO
+    """(id, sequence, whether the header was valid UTF-8) per record, streamed. Biopython's plain
+    (title, sequence) parser: it skips blank lines, which its strict "fasta" parser refuses before the
+    first record (`_check_looks_like_fasta` made sure nothing else comes before it), and keeps the
+    sequence a str, so that a non-ASCII character reaches the residue policy with its record and
+    position (a SeqRecord's Seq only holds ASCII). The id is the title's first word, as SeqIO's."""
+    from Bio.SeqIO.FastaIO import SimpleFastaParser
 
     with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as handle:
         try:
-            for record in SeqIO.parse(handle, "fasta"):
-                yield record.id, str(record.seq), "\ufffd" not in record.description
+            for title, sequence in SimpleFastaParser(handle):
+                yield (title.split(None, 1) or [""])[0], sequence, "\ufffd" not in title
         except (ValueError, OSError, EOFError) as error:
             raise FastaError(f"task.fasta: {path}: {str(error).splitlines()[0]}") from None
 
@@ -232,7 +261,7 @@ def read_records(task: ProteinTaskConfig) -> Iterator[ProteinRecord]:
     """Stream validated, cropped records (train and held-out, in file order)."""
     path = Path(task.fasta)
     for record_id, sequence, _ in _parse(path):
-        cleaned, _ = _clean(record_id, sequence, path, task.invalid_residues)
+        cleaned = _clean(record_id, sequence, path, task.invalid_residues).sequence
         if cleaned is not None:
             yield ProteinRecord(record_id, crop(cleaned, record_id, task), is_held_out(record_id, task))
 
@@ -250,12 +279,15 @@ def scan_fasta(task: ProteinTaskConfig) -> FastaScan:
                              "(ids must be unique: the held-out split is by id)")
         seen_ids.add(key)
         scan.non_utf8_headers += not utf8_header
-        cleaned, replaced = _clean(record_id, sequence, path, task.invalid_residues)
+        result = _clean(record_id, sequence, path, task.invalid_residues)
+        cleaned = result.sequence
         if cleaned is None:
             scan.skipped_records += 1
             continue
         scan.records += 1
-        scan.replaced_residues += replaced
+        scan.replaced_residues += result.replaced
+        scan.uppercased_residues += result.uppercased
+        scan.uppercased_records += result.uppercased > 0
         scan.longest = max(scan.longest, len(cleaned))
         scan.cropped_records += len(cleaned) > task.max_length
         length = min(len(cleaned), task.max_length)

@@ -1,5 +1,6 @@
 """FASTA reading, validation policies, the held-out split, cropping and token-budget batching."""
 import random
+import re
 
 import pytest
 
@@ -37,7 +38,6 @@ def test_scan_counts_match_an_independent_reader(fasta):
 
 @pytest.mark.parametrize("name, message", [
     ("bad_residue.fasta", "record 'bad_2' has '*' at position 6, outside the amino-acid alphabet"),
-    ("lowercase.fasta", "record 'lower_1' has 'l' at position 4"),
     ("duplicate_ids.fasta", "record id 'dup' appears more than once"),
     ("empty_record.fasta", "record 'hollow' is empty"),
     ("leading_text.fasta", "is not FASTA: its first line must start with '>', found 'sequences from the lab'"),
@@ -51,6 +51,41 @@ def test_bad_files_fail_naming_file_record_and_position(name, message):
         scan_fasta(task_for(DATA / name))
     assert message in str(error.value) and str(DATA / name) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_blank_lines_are_skipped_anywhere_in_the_file(tmp_path):
+    """Biopython's strict parser refuses a blank line before the first record ("comments at the
+    beginning of the file"); every protein tool reads such a file."""
+    text = PROTEINS_FASTA.read_text()
+    spaced = tmp_path / "spaced.fasta"
+    spaced.write_text("\n  \n\t\n" + text.replace("\n>", "\n\n \n>"))
+    assert [(r.id, r.sequence) for r in read_records(task_for(spaced))] == \
+        [(r.id, r.sequence) for r in read_records(task_for(PROTEINS_FASTA))]
+    assert scan_fasta(task_for(spaced)).records == len(plain_fasta(PROTEINS_FASTA))
+
+
+def test_lowercase_residues_are_upper_cased_and_counted(tmp_path):
+    scan = scan_fasta(task_for(DATA / "lowercase.fasta", test_fraction=0))
+    assert (scan.uppercased_residues, scan.uppercased_records) == (5, 1)
+    (warning,) = scan.warnings("f")
+    assert "5 lowercase residue(s) in 1 record(s)" in warning
+    assert [r.sequence for r in read_records(task_for(DATA / "lowercase.fasta"))] == ["MKVLAAGG"]
+    clean = tmp_path / "upper.fasta"
+    clean.write_text(">a\nMKV\n")
+    assert scan_fasta(task_for(clean, test_fraction=0)).warnings("f") == []
+
+
+@pytest.mark.parametrize("sequence, position, char", [("mkv*la", 4, "*"), ("mkvé", 4, "é"), ("MK1v", 3, "1")])
+def test_the_residue_policy_still_governs_what_is_not_an_amino_acid_in_either_case(tmp_path, sequence, position,
+                                                                                   char):
+    path = tmp_path / "soft.fasta"
+    path.write_text(f">soft\n{sequence}\n>fine\nMKV\n", encoding="utf-8")
+    with pytest.raises(FastaError, match=re.escape(f"record 'soft' has '{char}' at position {position}")):
+        scan_fasta(task_for(path))
+    replaced = {r.id: r.sequence for r in read_records(task_for(path, invalid_residues=InvalidResidues.replace_with_X))}
+    assert replaced["soft"] == sequence.upper().replace(char.upper(), "X")
+    skipped = scan_fasta(task_for(path, invalid_residues=InvalidResidues.skip, test_fraction=0))
+    assert (skipped.skipped_records, skipped.uppercased_residues) == (1, 0)  # a dropped record's letters not counted
 
 
 @pytest.fixture
