@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,13 +29,16 @@ from sae.hardware import apply_threads, host_dtype
 from sae.parallel import batch_part, check_parallel, split_axes, spread
 from sae.parallel.group import joined
 from sae.parallel.latents import full_optimizer_state, full_sae_state, local_optimizer_state, local_sae_state
-from sae.training.signals import STOP_SIGNALS, PendingSignals, StopRequested, deferred_stop_signals
+from sae.signals import ENDING_SIGNALS, STOP_SIGNALS, PendingSignals, StopRequested, deferred_stop_signals
 from sae.world import LOCAL, Collective, launched_world
 from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
 from sae.training.schedules import Schedule, crosses_flop_boundary, lr_at, sparsity_coef_at
 
 log = logging.getLogger(__name__)
+
+# what a stop before the loop interrupts (a finished host or activation cache is kept and reused)
+BEFORE_TRAINING = "before the first SAE step (set-up, host training or activation extraction)"
 
 # Keys a resumed run may change: they do not alter the trained weights.
 RESUMABLE_CHANGES = ("hardware", "tracking", "log_every", "eval_every", "checkpoint_every")
@@ -142,7 +144,7 @@ def run_as_main(cfg: TrainConfig, run_dir: Path, on_start, group: Collective) ->
         remove_stale_checkpoint_temps(run_dir)
         for note in ineffective_settings(cfg) + (resume.skipped if resume else []):
             log.warning(note)
-        with deferred_stop_signals() as pending:  # SIGTERM from here on ends the job cleanly
+        with deferred_stop_signals(BEFORE_TRAINING) as pending:  # Ctrl-C/SIGTERM from here on end the job cleanly
             return train(cfg, run_dir, checked, resume, pending, group)
 
 
@@ -159,7 +161,7 @@ def run_as_follower(cfg: TrainConfig, run_dir: Path, group: Collective) -> dict:
     finished = finished_summary(run_dir, resume, cfg)
     if finished is not None:
         return finished
-    with deferred_stop_signals() as pending:
+    with deferred_stop_signals(BEFORE_TRAINING) as pending:
         return train(cfg, run_dir, checked, resume, pending, group)
 
 
@@ -370,14 +372,15 @@ def write_checkpoint(whole: SparseCoder, step: int, cfg: TrainConfig, last_saved
 
 
 def hand_over(pending, step: int, run_dir: Path) -> None:
-    """The checkpoint of `step` is saved: stop as the signal asked. SIGTERM (scancel; SLURM before
-    a requeue) ends the run as cancelled; USR1/USR2 (SLURM's time-limit/preemption warning) go to
-    the original handler, i.e. submitit's, which requeues and exits on rank 0. On other ranks it
-    returns (it leaves requeueing to rank 0), so they exit here."""
-    if signal.SIGTERM in pending.received:
+    """The checkpoint of `step` is saved: stop as the signal asked. Ctrl-C and SIGTERM (scancel;
+    SLURM before a requeue) end the run as cancelled; USR1/USR2 (SLURM's time-limit/preemption
+    warning) go to the original handler, i.e. submitit's, which requeues and exits on rank 0. On
+    other ranks it returns (it leaves requeueing to rank 0), so they exit here."""
+    ending = [signum for signum in ENDING_SIGNALS if signum in pending.received]
+    if ending:
         pending.restore()
-        raise StopRequested(f"SIGTERM at step {step}; checkpoint saved in {run_dir}: rerun the same "
-                            "command to resume")
+        raise StopRequested(f"{ENDING_SIGNALS[ending[0]]} at step {step}; checkpoint saved in {run_dir}: rerun the "
+                            "same command to resume", signum=ending[0])
     log.info("Stop signal at step %d: checkpoint saved, handing over to the scheduler", step)
     pending.deliver()
     raise SystemExit(0)  # reached only where the handler returned: rank 0 requeues the job

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae.atomic_io import atomic_file, write_json
 from sae.config import to_dataclass
 from sae.errors import ReportedError
-from sae.training.signals import StopRequested
+from sae.signals import StopRequested
 from sae.world import launched_world
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def run_cli(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print one line
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes, before any job
+        print("Stopped: Ctrl-C (SIGINT) before the run started", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as error:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
@@ -166,6 +170,11 @@ class JobRecords:
         except (OSError, ReportedError) as failure:  # a full disk must not hide the job's own error
             log.warning(f"could not record status {status} in {self.output_dir / 'job.json'}: {failure}")
 
+    def discard_if_empty(self, is_sweep_job: bool) -> None:
+        """A single run stopped before start(): the empty dir Hydra created goes (as for a refusal)."""
+        if not is_sweep_job and self.output_dir.is_dir() and not any(self.output_dir.iterdir()):
+            self.output_dir.rmdir()
+
     def refused(self, error: str, is_sweep_job: bool) -> None:
         """A job stopped before start(): leave an existing dir untouched; a new sweep job dir gets a
         record for the summary; a new single-run dir (created empty by Hydra) is removed."""
@@ -230,10 +239,18 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
         if is_sweep_job:
             raise JobFailedError(str(error)) from None
         sys.exit(1)
-    except StopRequested as stop:  # SIGTERM: the step was checkpointed
+    except StopRequested as stop:  # SIGTERM or Ctrl-C: the step was checkpointed, or nothing had started
         records.finish(stop.status, stop.message)
         _say(f"Stopped: {stop.message}", in_run_log=True)
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside the job's signal handling (its checks, or its very end)
+        message = INTERRUPTED_BEFORE_START if not records.started else INTERRUPTED
+        if records.started:
+            records.finish("cancelled", message)
+        else:
+            records.discard_if_empty(is_sweep_job)
+        _say(f"Stopped: {message}", in_run_log=records.started)
+        raise StopRequested(message, signum=signal.SIGINT) from None
     except SystemExit as stop:  # submitit's requeue after a time-limit/preemption signal
         records.finish("requeued", f"SystemExit: {stop.code}")
         raise
@@ -243,6 +260,10 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
         raise
     records.finish("completed")
     return result
+
+
+INTERRUPTED_BEFORE_START = "Ctrl-C (SIGINT) before the run started: nothing was written"
+INTERRUPTED = "Ctrl-C (SIGINT); rerun the same command to resume from the last checkpoint"
 
 
 def run_follower_job(cfg: DictConfig, output_dir: Path, job: Callable[..., dict]) -> dict:

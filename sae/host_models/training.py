@@ -29,6 +29,7 @@ from sae.atomic_io import atomic_file, write_json
 from sae.errors import UserInputError
 from sae.hardware import apply_threads, check_hardware
 from sae.run_lock import exclusive_dir
+from sae.signals import deferred_stop_signals
 from sae.tracking import check_tracking, make_tracker
 from sae.tracking.base import Tracker
 
@@ -277,8 +278,9 @@ def run_host_job(cfg, run_dir: Path, on_start=None) -> dict:
         apply_threads(cfg.hardware)
         config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
         tracker = make_tracker(cfg.tracking, run_dir, config)
-        summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, run_dir,
-                                    tracker, device=cfg.hardware.device.value)
+        with deferred_stop_signals("during host training (it does not resume)"):  # Ctrl-C, SIGTERM: one line
+            summary = run_host_training(cfg.task, cfg.host_model.architecture(), cfg.host_model.train, run_dir,
+                                        tracker, device=cfg.hardware.device.value)
         tracker.log_image("curves", run_dir / "curves.png", step=summary["final_step"])
         tracker.summarize({key: summary[key] for key in ("memorisation_step", "grokking_step", "final_step")})
         tracker.finish()

@@ -1,5 +1,5 @@
 """Faults injected for real into `scripts/train.py` runs in subprocesses: SIGKILL (at a random step
-and inside a checkpoint write), SIGTERM, a second process in the run dir, refused resumes, a
+and inside a checkpoint write), SIGTERM and Ctrl-C, a second process in the run dir, refused resumes, a
 diverging lr, a torn metrics line, a full disk (a real small tmpfs; needs root) and a sweep with a
 failing job. Each resumed run must end bit-identical to an uninterrupted one (1 thread, same
 machine), and a refused run must leave every byte of an existing run dir as it was.
@@ -160,38 +160,67 @@ def test_sigkill_inside_a_checkpoint_write_leaves_a_temp_that_the_resume_removes
         assert json.loads(line)["step"] <= 3000
 
 
-def test_sigterm_checkpoints_the_step_marks_the_job_cancelled_and_resumes(tmp_path, hosts, reference):
+STOPS = {"SIGTERM": (signal.SIGTERM, "SIGTERM"), "Ctrl-C": (signal.SIGINT, "Ctrl-C (SIGINT)")}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stop_signal_checkpoints_the_step_marks_the_job_cancelled_and_resumes(tmp_path, hosts, reference, stop):
+    """SIGTERM (scancel) and Ctrl-C (a person at a local run) both finish the step, checkpoint it,
+    mark the job cancelled and exit 128 + the signal with one line; the rerun resumes bit-identical."""
+    signum, name = STOPS[stop]
     run_dir = tmp_path / "run"
     process = start(run_dir, hosts, *LONG)
     wait_for(lambda: logged_step(run_dir) >= 300, what="step 300")
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)  # the step ends, the checkpoint is written, the job exits
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signum
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     record = status(run_dir)
     assert record["status"] == "cancelled"
-    stopped_at = int(record["error"].split("SIGTERM at step ")[1].split(";")[0])
+    stopped_at = int(record["error"].split(f"{name} at step ")[1].split(";")[0])
+    assert stopped_at >= 300
     newest = checkpoint_dirs(run_dir)[0]
     assert newest.name == f"step_{stopped_at:07d}" and checkpoint_problem(newest, "cpu")[0] is None
-    assert stderr.replace("\r", "\n").strip().splitlines()[-1].startswith(f"Stopped: SIGTERM at step {stopped_at}")
-    assert f"Stopped: SIGTERM at step {stopped_at}" in (run_dir / "train.log").read_text().splitlines()[-1]
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1].startswith(f"Stopped: {name} at step {stopped_at}")
+    assert f"Stopped: {name} at step {stopped_at}" in (run_dir / "train.log").read_text().splitlines()[-1]
     resumed = train(run_dir, hosts, *LONG)
     assert resumed.returncode == 0 and f"(step {stopped_at}/3000)" in resumed.stdout
     assert_same_weights(reference, run_dir)
 
 
-def test_sigterm_before_training_ends_the_job_at_once_as_cancelled(tmp_path):
-    """SIGTERM while the host is still being trained: nothing to checkpoint, the job stops now
-    (submitit alone would ignore it and keep going until SLURM's SIGKILL)."""
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stop_before_training_ends_the_job_at_once_as_cancelled(tmp_path, stop):
+    """SIGTERM or Ctrl-C while the host is still being trained: nothing to checkpoint, the job stops
+    now (submitit alone would ignore SIGTERM and keep going until SLURM's SIGKILL)."""
+    signum, name = STOPS[stop]
     run_dir = tmp_path / "run"
     process = start(run_dir, tmp_path / "fresh_hosts", *LONG, "host_model.train.num_steps=5000")
     wait_for(lambda: (run_dir / "job.json").is_file(), what="the job to start")
     time.sleep(1.0)  # inside host training (thousands of steps before the SAE loop)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signum
+    assert "Traceback" not in stderr
     assert status(run_dir)["status"] == "cancelled"
-    assert "SIGTERM before the first training step" in status(run_dir)["error"]
+    assert f"{name} before the first SAE step" in status(run_dir)["error"]
+    assert stderr.strip().splitlines()[-1].startswith(f"Stopped: {name} before the first SAE step")
     assert not checkpoint_dirs(run_dir)
+
+
+def test_ctrl_c_during_train_host_is_one_line(tmp_path):
+    run_dir = tmp_path / "host"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_host.py"), *TINY[:8],
+                                "host_model.train.num_steps=5000", "tracking=disabled", f"hydra.run.dir={run_dir}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(lambda: (run_dir / "job.json").is_file(), what="the job to start")
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("Stopped: Ctrl-C (SIGINT) during host training")
+    assert status(run_dir)["status"] == "cancelled" and not (run_dir / "summary.json").exists()
 
 
 # -- refusals ----------------------------------------------------------------------------------------

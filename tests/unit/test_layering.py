@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sae"
 # lowest first; a module may import its own layer's packages only within its own package
 LAYERS = [
     {"errors"},
-    {"atomic_io", "run_lock", "hardware", "world"},
+    {"atomic_io", "run_lock", "hardware", "world", "signals"},
     {"tasks", "saes", "tracking"},
     {"host_models", "parallel"},
     {"activations"},

@@ -266,7 +266,7 @@ def test_a_stop_signal_arriving_during_the_ranks_agreement_waits_for_the_next_st
     import signal
 
     from sae.jobs import agree_on_stop
-    from sae.training.signals import PendingSignals
+    from sae.signals import PendingSignals
     from sae.world import Collective
 
     pending = PendingSignals()
