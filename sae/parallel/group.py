@@ -120,6 +120,13 @@ def rendezvous_address(world: World) -> tuple[str, int]:
 
 
 def _join(cfg: HardwareConfig, world: World) -> None:
+    # Imported before the group exists, not first by a torch.optim optimizer inside it: importing
+    # torch.distributed._shard (which torch._dynamo pulls in) while a gloo group is up kept that
+    # group alive after destroy_process_group, with its worker threads. One of them could then
+    # release a just-finished all_gather's tensors during interpreter exit and abort the process
+    # (SIGABRT, "terminate called without an active exception"; docs/scale_out.md, "Clean exit").
+    import torch._dynamo  # noqa: F401
+
     backend = cfg.dist_backend.value
     collective_timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
     if cfg.device is Device.cuda:
