@@ -293,6 +293,12 @@ def join_batches(parts: Path, n_batches: int, out: Path, max_rows: int) -> int:
     return written
 
 
+def cache_lock(cache_dir: Path):
+    """The cache's lock, beside it: concurrent sweep jobs build it once, the others wait and reuse it."""
+    return waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock",
+                        f"the activation cache {cache_dir} (another run is building or checking it)")
+
+
 def build_cache_together(sources, task: ProteinTaskConfig, alphabet, cache_dir: Path, record: dict,
                          group: Collective) -> None:
     """Every rank calls this; on return the cache is complete (built now, or found)."""
@@ -301,7 +307,7 @@ def build_cache_together(sources, task: ProteinTaskConfig, alphabet, cache_dir: 
         plan = None
         if group.rank == 0:
             try:
-                held.enter_context(waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"))
+                held.enter_context(cache_lock(cache_dir))
                 remove_stale_temps(cache_dir.parent, cache_dir.name)
                 plan = "reuse" if check_cache(cache_dir, record) else str(held.enter_context(atomic_dir(cache_dir)))
             except UserInputError as refusal:
@@ -352,7 +358,7 @@ def load_protein_activation_data(task: ProteinTaskConfig, host: ESM2HostConfig, 
     if group.size > 1:
         build_cache_together(sources, task, alphabet, cache_dir, record, group)
     else:
-        with waiting_lock(cache_dir.parent / f".{cache_dir.name}.lock"):  # concurrent sweep jobs build it once
+        with cache_lock(cache_dir):
             remove_stale_temps(cache_dir.parent, cache_dir.name)  # a build killed mid-way
             if check_cache(cache_dir, record):
                 log.info("Reusing activation cache %s", cache_dir)

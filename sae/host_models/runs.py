@@ -81,7 +81,7 @@ def ensure_host_run(task: ModularTaskConfig, host: HostModelConfig, device: str 
         return run_dir
     run_dir = Path(host.cache_dir) / host_run_key(task, host)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with waiting_lock(run_dir / ".lock"):
+    with waiting_lock(run_dir / ".lock", f"the host model {run_dir} (another run is training it)"):
         if not _is_complete(run_dir):
             for directory in (run_dir, run_dir / "checkpoints"):
                 remove_stale_temps(directory)  # a host training killed mid-write

@@ -14,7 +14,7 @@ import torch
 import sae
 from sae.atomic_io import (DiskFullError, atomic_dir, atomic_file, disk_full_as_one_line, remove_stale_temps,
                            verify_manifest, write_json, write_manifest)
-from sae.run_lock import RunDirBusyError, exclusive_dir
+from sae.run_lock import RunDirBusyError, exclusive_dir, waiting_lock
 from sae.saes import InvalidCheckpointError
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.tracking import truncate_jsonl
@@ -100,6 +100,36 @@ def test_truncate_jsonl_drops_a_torn_last_line_and_later_steps(tmp_path):
 
 
 # -- the run-dir lock ----------------------------------------------------------------------------
+
+def test_a_wait_for_a_shared_cache_says_what_it_waits_for_and_who_holds_it(tmp_path, caplog):
+    """Two runs that need the same uncached host: the second waits on the lock, and says so (what,
+    who, and every report interval how long), instead of minutes of silence."""
+    import socket
+
+    lock_file = tmp_path / ".cache.lock"
+    script = ("import sys, time; sys.path.insert(0, sys.argv[2]); from sae.run_lock import waiting_lock\n"
+              "with waiting_lock(sys.argv[1], 'x'):\n    print('holding', flush=True); time.sleep(2.5)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(lock_file), os.getcwd()], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    with caplog.at_level(logging.INFO, logger="sae.run_lock"):
+        with waiting_lock(lock_file, "the host model outputs/hosts/addition_p97_x", report_every_s=0.5):
+            assert json.loads((tmp_path / ".cache.lock.holder").read_text())["pid"] == os.getpid()
+    holder.wait(timeout=30)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith(f"Waiting for the host model outputs/hosts/addition_p97_x: pid {holder.pid} on "
+                               f"{socket.gethostname()} (since ")
+    assert any(line.startswith("Still waiting for the host model outputs/hosts/addition_p97_x (") for line in lines)
+    assert lines[-1].startswith("the host model outputs/hosts/addition_p97_x: lock acquired after")
+    assert not (tmp_path / ".cache.lock.holder").exists()  # the record goes with the lock
+
+
+def test_an_uncontended_shared_lock_says_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sae.run_lock"):
+        with waiting_lock(tmp_path / ".cache.lock", "the cache"):
+            pass
+    assert caplog.records == []
+
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path):
     import socket
