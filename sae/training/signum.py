@@ -1,6 +1,6 @@
 """Signum: SignSGD under schedule-free averaging (Defazio et al. 2024), the optimiser EleutherAI's
 sparsify trains with by default (momentum 0.95, no lr schedule). Here for the recipe study
-(sae/bench_recipe.py, `--vary optimizer=signum`); the trainer keeps AdamW (docs/recipe.md).
+(sae/bench/recipe.py, `--vary optimizer=signum`); the trainer keeps AdamW (docs/recipe.md).
 
 Schedule-free keeps two iterates: gradients are taken at one ("training") and the other is a
 running average ("averaged", what its authors evaluate). `iterates` lets an evaluation score both.

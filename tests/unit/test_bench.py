@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae.bench import Case, DenseTopKReference, best_quality, main, quality, run_case, synthetic_activations
+from sae.bench.synthetic import Case, DenseTopKReference, best_quality, main, quality, run_case, synthetic_activations
 
 
 def test_synthetic_activations_are_normalised_sums_of_unit_features():
@@ -63,14 +63,14 @@ def test_command_line_runs_each_implementation_in_its_own_process(tmp_path, caps
 
 
 def test_bad_arguments_are_refused_before_any_work(capsys, monkeypatch):
-    import sae.bench
+    import sae.bench.synthetic
 
     with pytest.raises(SystemExit):
         main(["--sizes", "8,32,64"])
     with pytest.raises(SystemExit):
         main(["--impls", "topk,sae_vis"])
     assert "unknown ['sae_vis']" in capsys.readouterr().err
-    monkeypatch.setattr(sae.bench, "external_available", lambda impl: False)
+    monkeypatch.setattr(sae.bench.synthetic, "external_available", lambda impl: False)
     with pytest.raises(SystemExit):
         main(["--impls", "topk,sparsify"])
     assert "pip install -e '.[compare]'" in capsys.readouterr().err
@@ -126,7 +126,7 @@ def test_quality_curves_against_tokens_and_seconds_and_their_plot(tmp_path, caps
 
 
 def test_parallel_benchmark_reports_both_modes_with_a_communication_share():
-    from sae.bench_parallel import main
+    from sae.bench.parallel import main
 
     report = main(["--sizes", "16,64,4", "--steps", "2"])
     rows = [line for line in report.splitlines() if line.startswith("| (16, 64, 4)")]

@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from sae.bench import Case, DenseTopKReference, decoder_rows, synthetic_data
-from sae.bench_hierarchy import absorption, hierarchical_activations, recall_by_context
-from sae.bench_recipe import main
+from sae.bench.synthetic import Case, DenseTopKReference, decoder_rows, synthetic_data
+from sae.bench.hierarchy import absorption, hierarchical_activations, recall_by_context
+from sae.bench.recipe import main
 
 
 def coefficients(data):

@@ -3,7 +3,7 @@ tiny ESM-2 of the test fixtures: every implementation on the same rows, scored b
 import pytest
 import torch
 
-from sae.bench_real import as_our_sae, main
+from sae.bench.real import as_our_sae, main
 from tests.e2e.test_scripts import SAE_TINY, TINY
 
 
@@ -36,7 +36,7 @@ def test_another_library_read_back_reconstructs_as_it_did(impl, tmp_path):
     """Their SAE, saved in their format and loaded as ours, gives their reconstruction (so the one
     evaluation scores their model, not a conversion of it)."""
     pytest.importorskip({"saelens": "sae_lens", "sparsify": "sparsify"}[impl])
-    from sae.bench_external import build_external
+    from sae.bench.external import build_external
 
     adapter = build_external(impl, 16, 48, 4, "cpu")
     with torch.no_grad():
@@ -54,13 +54,13 @@ def test_another_library_read_back_reconstructs_as_it_did(impl, tmp_path):
 @pytest.mark.compare
 def test_every_library_on_the_esm2_stand_in(tmp_path, tiny_esm2_files, monkeypatch):
     """The ESM-2 path end to end, the tiny fair-esm checkpoint standing in for the t6-8M one."""
-    import sae.bench_real
+    import sae.bench.real
 
-    protein = ["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={sae.bench_real.ROOT}/tests/data/proteins.fasta",
+    protein = ["task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={sae.bench.real.ROOT}/tests/data/proteins.fasta",
                f"host_model.checkpoints=[{tiny_esm2_files[0]}]", "host_model.layers=[2]",
                f"task.activation_cache={tmp_path / 'cache'}", "task.max_train_tokens=3000",
                "task.max_test_tokens=800", "task.eval_sequences=4"]
-    monkeypatch.setattr(sae.bench_real, "host_overrides", lambda host, workdir: protein)
+    monkeypatch.setattr(sae.bench.real, "host_overrides", lambda host, workdir: protein)
     rows = main(["--host", "esm2", "--steps", "10", "--workdir", str(tmp_path), "hardware.threads=1", *SAE_TINY])
     assert [r["impl"] for r in rows] == ["topk", "saelens", "sparsify"]
     assert all(0 < r["test_fvu"] < 2 and r["test_l0"] <= 8 + 1e-6 for r in rows)
@@ -72,9 +72,9 @@ def test_every_library_on_the_esm2_stand_in(tmp_path, tiny_esm2_files, monkeypat
     (["--host", "grokking", "--impls", "topk,sparsify", "sae=vanilla"], "sae=vanilla"),
 ])
 def test_bad_arguments_are_refused_before_any_training(argv, message, capsys, tmp_path, monkeypatch):
-    import sae.bench_real
+    import sae.bench.real
 
-    monkeypatch.setattr(sae.bench_real, "external_available", lambda impl: True)  # with or without the extra
+    monkeypatch.setattr(sae.bench.real, "external_available", lambda impl: True)  # with or without the extra
     with pytest.raises(SystemExit):
         main([*argv, "--workdir", str(tmp_path), f"host_model.cache_dir={tmp_path / 'hosts'}"])
     assert message in capsys.readouterr().err

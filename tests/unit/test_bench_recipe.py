@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from sae.bench_recipe import main, parse_vary, recipes, summarise
+from sae.bench.recipe import main, parse_vary, recipes, summarise
 
 
 def test_each_recipe_changes_one_knob_of_the_base():
@@ -47,11 +47,11 @@ def test_study_runs_every_recipe_at_every_seed(capsys):
 
 def test_jumprelu_knobs_reach_its_config(monkeypatch):
     """--impl jumprelu with its own knobs: the SAE that trains has them (init_l0 sets θ from the data)."""
-    import sae.bench
+    import sae.bench.synthetic
 
     built = []
-    build = sae.bench.build
-    monkeypatch.setattr(sae.bench, "build", lambda *args: built.append(build(*args)) or built[-1])
+    build = sae.bench.synthetic.build
+    monkeypatch.setattr(sae.bench.synthetic, "build", lambda *args: built.append(build(*args)) or built[-1])
     (result,) = main(["--impl", "jumprelu", "--sizes", "8,32,2", "--tokens", str(256 * 12), "--seeds", "0",
                       "--threads", "1", "--base", "batch=256", "init_l0=4", "bandwidth=0.2", "jumprelu_coef=0.3"])
     (sae_,) = built

@@ -14,12 +14,11 @@ LAYERS = [
     {"activations"},
     {"metrics"},
     {"training"},
-    {"bench_external", "bench_hierarchy"},  # synthetic data with a hierarchy; other libraries' SAEs under our training loop's interface (schedule-free iterates)
     {"config"},
     {"jobs", "slurm_preflight"},
-    {"launch", "bench", "bench_parallel"},
-    {"analysis", "bench_recipe"},
-    {"bench_real"},  # composes configs with sae.analysis.runs
+    {"launch"},
+    {"analysis"},
+    {"bench"},  # benchmarks and studies: never imported by the trainer (bench.real composes configs with analysis)
     {"__init__"},
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}

@@ -27,13 +27,13 @@ import torch
 
 from sae.activations import load_activations
 from sae.activations.batches import calibration_sample, column_mean
-from sae.bench import Case, train_sae
-from sae.bench_external import EXTERNAL, build_external, external_available
+from sae.bench.synthetic import Case, train_sae
+from sae.bench.external import EXTERNAL, build_external, external_available
 from sae.metrics.evaluate import evaluate
 from sae.saes import build_sae
 from sae.saes.foreign import load_foreign
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ESM2_STAND_IN = "esm2_t6_8M_UR50D"
 HOSTS = ("grokking", "esm2")
 IMPLEMENTATIONS = ("topk",) + EXTERNAL

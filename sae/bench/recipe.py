@@ -1,5 +1,5 @@
 """The training-recipe study (scripts/recipe_study.py): one recipe knob at a time against a base, on
-the synthetic benchmark's data (sae/bench.py), over several seeds, sizes and k.
+the synthetic benchmark's data (sae/bench/synthetic.py), over several seeds, sizes and k.
 
     python scripts/recipe_study.py --vary lr=0.002,0.004,0.008 schedule=constant,linear_decay \
         --sizes 128,2048,16 128,2048,32 --seeds 0 1 2 --tokens 819200
@@ -19,7 +19,7 @@ import statistics
 
 from scipy import stats
 
-from sae.bench import Case, parse_size, run_case
+from sae.bench.synthetic import Case, parse_size, run_case
 from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
@@ -32,7 +32,7 @@ CHOICES = {"schedule": [s.value for s in Schedule], "optimizer": ["adam", "signu
 METRICS = {"fvu": "FVU", "recovered": "recovered", "dead_frac": "dead", "l0": "L0", "mean_max_cos": "mean max cos"}
 HIERARCHY_METRICS = {"parents_recovered": "parents recovered", "children_recovered": "children recovered",
                      "parent_recall_alone": "parent recall alone", "parent_recall_with_child": "with a child",
-                     "absorption": "absorption"}  # --children (sae/bench_hierarchy.py)
+                     "absorption": "absorption"}  # --children (sae/bench/hierarchy.py)
 FORMATS = {"fvu": ".4f", "recovered": "%", "dead_frac": "%", "l0": ".1f", "mean_max_cos": ".3f",
            "parents_recovered": "%", "children_recovered": "%", "parent_recall_alone": ".3f",
            "parent_recall_with_child": ".3f", "absorption": ".3f"}
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="a geometric number of true features per token (mean k/2; 13%% above k) instead of k/2")
     parser.add_argument("--children", type=int, default=0,
                         help="> 0: hierarchical features, each parent with this many children; adds the "
-                             "absorption columns (sae/bench_hierarchy.py)")
+                             "absorption columns (sae/bench/hierarchy.py)")
     parser.add_argument("--token-features", type=int, default=None,
                         help="true features per token (on average); default k / 2 of each size")
     parser.add_argument("--impl", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "sparsify",

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.bench_external import EXTERNAL, build_external, external_available
-from sae.bench_hierarchy import HierarchicalData, absorption, hierarchical_activations, parents_per_token
+from sae.bench.external import EXTERNAL, build_external, external_available
+from sae.bench.hierarchy import HierarchicalData, absorption, hierarchical_activations, parents_per_token
 from sae.saes import build_sae
 from sae.activations.batches import calibration_sample
 from sae.saes.base import SAEOutput, SparseCoder
@@ -142,7 +142,7 @@ class Case:
     resample_until: float = 0.5  # sae.resample_until
     resample_scale: float = 0.2  # sae.resample_encoder_scale
     varied_complexity: bool = False  # a geometric number of features per token (mean k / 2) instead of exactly k / 2
-    children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench_hierarchy.py)
+    children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench/hierarchy.py)
     token_features: int | None = None  # true features per token (on average); None: k / 2, the slack TopK gets
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 

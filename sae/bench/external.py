@@ -1,5 +1,5 @@
 """Other libraries' TopK SAEs as benchmark columns, each with its own recommended settings
-(`pip install -e .[compare]` installs them). Each adapter exposes what sae/bench.py's loop needs:
+(`pip install -e .[compare]` installs them). Each adapter exposes what sae/bench/synthetic.py's loop needs:
 forward(x, dead_latents) -> SAEOutput, the decoder hooks, encode/decoder_rows for quality, and
 its own optimiser.
 
