@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-faults test-distributed test-gpu test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host test test-docs test-faults test-distributed test-gpu test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ train-host: $(VENV)/.installed
 
 # The fast default suite (a few minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults and not distributed" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults and not distributed and not documented" $(PYTEST_ARGS)
 
 # Faults injected into real runs: kill -9, SIGTERM, a second process, refusals, divergence, a full
 # disk (a small tmpfs: needs root, skipped otherwise), a failing sweep job (a few minutes on 2 cores).
@@ -37,6 +37,11 @@ test-faults: $(VENV)/.installed
 # world size, refusals (about two minutes on 2 cores).
 test-distributed: $(VENV)/.installed
 	$(PY) -m pytest -q -m distributed -rs $(PYTEST_ARGS)
+
+# Every command in the README's and docs' shell blocks, run as written on a fresh copy of the repo with
+# tiny-run overrides appended to training commands (a few minutes on 2 cores; tests/e2e/test_documented_commands.py).
+test-docs: $(VENV)/.installed
+	$(PY) -m pytest -q -m documented -rs $(PYTEST_ARGS)
 
 # The CUDA paths (sparse kernels vs dense, bf16, compile, NCCL on 2 GPUs); skipped without a GPU.
 test-gpu: $(VENV)/.installed
