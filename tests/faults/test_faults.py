@@ -223,6 +223,31 @@ def test_ctrl_c_during_train_host_is_one_line(tmp_path):
     assert status(run_dir)["status"] == "cancelled" and not (run_dir / "summary.json").exists()
 
 
+def test_ctrl_c_during_activation_extraction_leaves_no_partial_cache(tmp_path):
+    """Ctrl-C while ESM-2 activations are being extracted: one line, exit 130, and neither a
+    half-built cache nor a lock record left for the next run to trip over."""
+    model = tmp_path / "esm2_t6_8M_random.pt"  # t6_8M's shapes, random weights: extraction takes seconds
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "esm2_random_checkpoint.py"), "esm2_t6_8M_UR50D",
+                    str(model)], check=True, capture_output=True, timeout=300)
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "task=protein_mlm", "host_model=esm2_t6_8M",
+         f"task.fasta={ROOT / 'tests' / 'data' / 'real_proteins.fasta'}", f"host_model.checkpoints=[{model}]",
+         "host_model.layers=[3]", "task.tokens_per_batch=1024", f"task.activation_cache={cache}",
+         "tracking=disabled", "hardware.threads=1", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    temps = lambda: list(tmp_path.glob(".cache.tmp-*"))
+    wait_for(lambda: temps() and list(temps()[0].rglob("*.npy")), timeout=300, what="extraction under way")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("Stopped: Ctrl-C (SIGINT) before the first SAE step")
+    assert not temps() and not cache.exists()
+    assert not (tmp_path / ".cache.lock.holder").exists()
+    assert status(run_dir)["status"] == "cancelled"
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 def test_a_second_process_in_the_run_dir_is_refused_and_the_first_is_unharmed(tmp_path, hosts, reference):
