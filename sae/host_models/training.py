@@ -176,50 +176,52 @@ def run_host_training(
     started = time.time()
     progress = tqdm(total=recipe.num_steps, desc="host training", unit="step", disable=quiet, dynamic_ncols=True,
                     mininterval=1.0)
-    for step in range(recipe.num_steps + 1):
-        in_transition = (recipe.transition_checkpoint_every is not None and memorisation_step is not None
-                         and grokking_step is None and step % recipe.transition_checkpoint_every == 0)
-        is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps or in_transition
-        if is_eval:
-            model.eval()
-            metrics = evaluate_host(model, data, hooks)
-            if measure is not None:
-                metrics.update(measure(model, step))
-            model.train()
-            history.append({"step": step, **metrics})
-            tracker.log(metrics, step)
-            event = False
-            if memorisation_step is None and metrics["train/acc"] >= MEMORISED:
-                memorisation_step, event = step, True
-            if grokking_step is None and metrics["test/acc"] >= GROKKED:
-                grokking_step, event = step, True
-                if recipe.steps_after_grok is not None:
-                    last_step = min(recipe.num_steps, step + recipe.steps_after_grok)
-            if not quiet and (event or step % (recipe.eval_every * 50) == 0):
-                log.info(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  "
-                         f"test acc {metrics['test/acc']:.3f}  "
-                      f"({time.time() - started:.0f}s)")
-            if step in save_at or event or in_transition or step >= last_step:
-                name = f"step_{step:07d}.safetensors"
-                save_host_checkpoint(model, run_dir / "checkpoints" / name)
-                checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})
-        if step >= last_step:
-            break
-        if is_eval:
-            progress.set_postfix_str(f"train acc {metrics['train/acc']:.3f}, test acc {metrics['test/acc']:.3f}",
-                                     refresh=False)
-        rows = next(batches)
-        loss = F.cross_entropy(model(train_tokens[rows], hooks), train_labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grokfast_alpha is not None:
-            amplify_slow_gradients(model, slow_gradients, recipe.grokfast_alpha, recipe.grokfast_lambda)
-        if recipe.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        progress.update(1)
-    progress.close()
+    try:  # a stop or an error leaves the terminal on a fresh line for its message
+        for step in range(recipe.num_steps + 1):
+            in_transition = (recipe.transition_checkpoint_every is not None and memorisation_step is not None
+                             and grokking_step is None and step % recipe.transition_checkpoint_every == 0)
+            is_eval = step % recipe.eval_every == 0 or step in save_at or step == recipe.num_steps or in_transition
+            if is_eval:
+                model.eval()
+                metrics = evaluate_host(model, data, hooks)
+                if measure is not None:
+                    metrics.update(measure(model, step))
+                model.train()
+                history.append({"step": step, **metrics})
+                tracker.log(metrics, step)
+                event = False
+                if memorisation_step is None and metrics["train/acc"] >= MEMORISED:
+                    memorisation_step, event = step, True
+                if grokking_step is None and metrics["test/acc"] >= GROKKED:
+                    grokking_step, event = step, True
+                    if recipe.steps_after_grok is not None:
+                        last_step = min(recipe.num_steps, step + recipe.steps_after_grok)
+                if not quiet and (event or step % (recipe.eval_every * 50) == 0):
+                    log.info(f"host step {step:6d}  train acc {metrics['train/acc']:.3f}  "
+                             f"test acc {metrics['test/acc']:.3f}  "
+                          f"({time.time() - started:.0f}s)")
+                if step in save_at or event or in_transition or step >= last_step:
+                    name = f"step_{step:07d}.safetensors"
+                    save_host_checkpoint(model, run_dir / "checkpoints" / name)
+                    checkpoints.append({"step": step, "file": f"checkpoints/{name}", **metrics})
+            if step >= last_step:
+                break
+            if is_eval:
+                progress.set_postfix_str(f"train acc {metrics['train/acc']:.3f}, test acc {metrics['test/acc']:.3f}",
+                                         refresh=False)
+            rows = next(batches)
+            loss = F.cross_entropy(model(train_tokens[rows], hooks), train_labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grokfast_alpha is not None:
+                amplify_slow_gradients(model, slow_gradients, recipe.grokfast_alpha, recipe.grokfast_lambda)
+            if recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            progress.update(1)
+    finally:
+        progress.close()
     summary = {
         "complete": True,
         "task": dataclasses.asdict(task),
