@@ -178,13 +178,10 @@ class JobRecords:
     def refused(self, error: str, is_sweep_job: bool) -> None:
         """A job stopped before start(): leave an existing dir untouched; a new sweep job dir gets a
         record for the summary; a new single-run dir (created empty by Hydra) is removed."""
-        if any(self.output_dir.iterdir()):
-            return
-        if is_sweep_job:
+        if is_sweep_job and not any(self.output_dir.iterdir()):
             self.write_hydra_files()
             self.finish("failed", error)
-        else:
-            self.output_dir.rmdir()
+        self.discard_if_empty(is_sweep_job)
 
 
 def _detach_file_handlers(output_dir: Path) -> list[logging.Handler]:
@@ -244,11 +241,10 @@ def run_job(cfg: DictConfig, job: Callable[..., dict]) -> dict:
         _say(f"Stopped: {stop.message}", in_run_log=True)
         raise
     except KeyboardInterrupt:  # Ctrl-C outside the job's signal handling (its checks, or its very end)
-        message = INTERRUPTED_BEFORE_START if not records.started else INTERRUPTED
+        message = INTERRUPTED if records.started else INTERRUPTED_BEFORE_START
         if records.started:
             records.finish("cancelled", message)
-        else:
-            records.discard_if_empty(is_sweep_job)
+        records.discard_if_empty(is_sweep_job)
         _say(f"Stopped: {message}", in_run_log=records.started)
         raise StopRequested(message, signum=signal.SIGINT) from None
     except SystemExit as stop:  # submitit's requeue after a time-limit/preemption signal
