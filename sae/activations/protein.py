@@ -272,6 +272,34 @@ def split_batches(task: ProteinTaskConfig, split: str, max_rows: int) -> list[li
     return batches
 
 
+@dataclass
+class ResidueRows:
+    """Which residue each row of a cached split is, in cache order (the order of `split_batches`:
+    records by length within the read-ahead buffer, residues in sequence order, cut at max rows).
+
+    record: [rows] int32 index into ids; position: [rows] int32 residue index in the sequence as fed
+    to the host (cropped); residue: [rows] uint8 ASCII letter; ids / lengths / offsets per record
+    (offset: where the cropped sequence starts in the record as the FASTA file has it)."""
+
+    record: np.ndarray
+    position: np.ndarray
+    residue: np.ndarray
+    ids: list[str]
+    lengths: np.ndarray
+    offsets: np.ndarray
+
+
+def residue_rows(task: ProteinTaskConfig, split: str, max_rows: int) -> ResidueRows:
+    records = [record for batch in split_batches(task, split, max_rows) for record in batch]
+    lengths = np.array([len(r.sequence) for r in records], dtype=np.int64)
+    record = np.repeat(np.arange(len(records), dtype=np.int32), lengths)[:max_rows]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    position = (np.arange(len(record)) - starts[record]).astype(np.int32)
+    residue = np.frombuffer("".join(r.sequence for r in records).encode("ascii"), dtype=np.uint8)[:max_rows]
+    return ResidueRows(record, position, residue.copy(), [r.id for r in records], lengths.astype(np.int32),
+                       np.array([r.offset for r in records], dtype=np.int32))
+
+
 def extract_my_batches(sources, alphabet, batches: list, group: Collective, parts: Path) -> None:
     mine = range(group.rank, len(batches), group.size)
     for index in tqdm(mine, desc=f"ESM-2 activations (rank {group.rank})", unit="batch", mininterval=2.0,

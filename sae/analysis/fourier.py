@@ -6,29 +6,54 @@ import torch
 
 
 def grid_power(grid: torch.Tensor) -> torch.Tensor:
-    """grid: [p, p] (a, b) -> [p, p] power |DFT2|^2 with the constant (0, 0) term removed,
-    normalised to sum to 1 (a constant grid gives all zeros)."""
+    """grid: [..., n, n] maps over (a, b) -> the same shape: power |DFT2|^2 of each map with the
+    constant (0, 0) term removed, normalised to sum to 1 (a constant map gives all zeros)."""
     power = torch.fft.fft2(grid.double()).abs().pow(2)
-    constant = power[0, 0].item()
-    power[0, 0] = 0.0
-    total = power.sum().item()
-    if total <= 1e-12 * max(constant, 1e-300):  # a (numerically) constant grid has no frequencies
-        return torch.zeros_like(power, dtype=torch.float32)
-    return (power / total).float()
+    constant = power[..., 0, 0].clone()
+    power[..., 0, 0] = 0.0
+    total = power.sum(dim=(-2, -1))
+    flat = total <= 1e-12 * constant.clamp_min(1e-300)  # a (numerically) constant map has no frequencies
+    return (power / torch.where(flat, 1.0, total)[..., None, None]).masked_fill(flat[..., None, None], 0.0).float()
+
+
+def folded_power(power: torch.Tensor) -> torch.Tensor:
+    """power: [..., n, n] -> [..., n // 2 + 1, n // 2 + 1]: k and n - k summed into min(k, n - k) on
+    each axis (a real map's spectrum is symmetric), so entry (k_a, k_b) is that frequency pair's share."""
+    n = power.shape[-1]
+    fold = torch.minimum(torch.arange(n), n - torch.arange(n)).to(power.device)
+    size = n // 2 + 1
+    rows = torch.zeros(*power.shape[:-2], size, n, dtype=power.dtype, device=power.device)
+    rows.index_add_(-2, fold, power)
+    out = torch.zeros(*power.shape[:-2], size, size, dtype=power.dtype, device=power.device)
+    return out.index_add_(-1, fold, rows)
 
 
 def dominant_frequencies(power: torch.Tensor, n: int = 3) -> list[tuple[int, int, float]]:
-    """The n strongest (k_a, k_b) with their share of the power; k and p - k are folded into
-    min(k, p - k), since a real grid's spectrum is symmetric."""
-    p = power.shape[0]
-    fold = torch.minimum(torch.arange(p), p - torch.arange(p))
-    folded: dict[tuple[int, int], float] = {}
-    for ka in range(p):
-        for kb in range(p):
-            key = (int(fold[ka]), int(fold[kb]))
-            folded[key] = folded.get(key, 0.0) + float(power[ka, kb])
-    ranked = sorted(folded.items(), key=lambda item: item[1], reverse=True)[:n]
-    return [(ka, kb, share) for (ka, kb), share in ranked]
+    """The n strongest folded (k_a, k_b) of one [p, p] power map with their share of the power (ties
+    broken by the smaller (k_a, k_b))."""
+    return strongest_folded(folded_power(power), n)
+
+
+def strongest_folded(folded: torch.Tensor, n: int = 3) -> list[tuple[int, int, float]]:
+    """The n largest entries (k_a, k_b, share) of one folded power map, ties by the smaller (k_a, k_b)."""
+    size = folded.shape[-1]
+    shares, flat = folded.flatten().double().sort(descending=True, stable=True)
+    return [(int(i) // size, int(i) % size, float(share)) for share, i in zip(shares[:n], flat[:n])]
+
+
+def operation_grid(grid: torch.Tensor, operation: str) -> torch.Tensor:
+    """grid: [..., p, p] over (a, b) -> the map whose Fourier modes the host uses: as it is for additive
+    operations (and conditional), re-indexed on both axes by the discrete log (the pairs with a or b =
+    0 left out: [..., p - 1, p - 1]) for multiplication and division, whose key frequencies live on
+    the cyclic group of nonzero residues (see `group_coordinates`)."""
+    if operation not in MULTIPLICATIVE:
+        return grid
+    p = grid.shape[-1]
+    coordinates, order = group_coordinates(p, operation)
+    residue_at = torch.empty(order, dtype=torch.long)
+    residue_at[coordinates[1:]] = torch.arange(1, p)
+    residue_at = residue_at.to(grid.device)
+    return grid[..., residue_at, :][..., residue_at]
 
 
 def embedding_frequency_norms(W_E: torch.Tensor) -> torch.Tensor:

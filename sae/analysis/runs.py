@@ -97,11 +97,16 @@ def load_sae_run(run_dir: str | Path, task: str | None = None, crosscoder: bool 
                   meta["input_scale"])
 
 
+def saved_path(path: str) -> Path:
+    """A path a run recorded (sae.json: host run, activation cache), relative to where training ran
+    when not absolute: usually the repo root."""
+    path = Path(path)
+    return CONF_DIR.parent / path if not path.is_absolute() and not path.exists() else path
+
+
 def _host_run_dir(meta: dict, run_dir: Path) -> str:
     """The host run the SAE was trained on; it must still exist (retraining could differ)."""
-    host_dir = Path(meta["host_run_dir"])
-    if not host_dir.is_absolute() and not host_dir.exists():  # relative to where training ran: usually the repo
-        host_dir = CONF_DIR.parent / host_dir
+    host_dir = saved_path(meta["host_run_dir"])
     summary = host_dir / "summary.json"
     if not summary.is_file():
         raise RunDirError(f"{run_dir} was trained on the host run {host_dir}, which is gone (no summary.json): "

@@ -124,13 +124,8 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md",
              "frontier": sweep_dir / "frontier.png"}
+    header, rows = summary_table(jobs)
     swept = varying_keys(jobs)
-    type_column = [] if "sae" in swept else ["sae_type"]  # a swept `sae` already names the type
-    header = ["job", "status", *type_column, *swept, *METRIC_COLUMNS, *DOWNSTREAM_COLUMNS, "error"]
-    rows = [[j.name.split("_", 1)[0], j.status, *([j.sae_type or ""] if type_column else []),
-             *[override_value(j, k) for k in swept], *[j.metrics.get(c, "") for c in METRIC_COLUMNS],
-             *[downstream_value(j.metrics, c) for c in DOWNSTREAM_COLUMNS], j.error[:ERROR_CHARS].replace("|", "/")]
-            for j in jobs]
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -149,6 +144,18 @@ def write_reports(jobs: list[JobResult], sweep_dir: Path) -> dict[str, Path]:
         paths["frontier"].unlink(missing_ok=True)
         del paths["frontier"]
     return paths
+
+
+def summary_table(jobs: list[JobResult]) -> tuple[list[str], list[list]]:
+    """(header, one row per job): the job number, status, what was swept, final metrics, error."""
+    swept = varying_keys(jobs)
+    type_column = [] if "sae" in swept else ["sae_type"]  # a swept `sae` already names the type
+    header = ["job", "status", *type_column, *swept, *METRIC_COLUMNS, *DOWNSTREAM_COLUMNS, "error"]
+    rows = [[j.name.split("_", 1)[0], j.status, *([j.sae_type or ""] if type_column else []),
+             *[override_value(j, k) for k in swept], *[j.metrics.get(c, "") for c in METRIC_COLUMNS],
+             *[downstream_value(j.metrics, c) for c in DOWNSTREAM_COLUMNS], j.error[:ERROR_CHARS].replace("|", "/")]
+            for j in jobs]
+    return header, rows
 
 
 def downstream_value(metrics: dict, name: str) -> float | str:

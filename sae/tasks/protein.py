@@ -92,6 +92,7 @@ class ProteinRecord:
     id: str
     sequence: str  # validated (and cropped, once `crop` has run)
     is_test: bool
+    offset: int = 0  # where the (cropped) sequence starts in the record as the FASTA file has it
 
 
 @dataclass
@@ -150,13 +151,18 @@ def in_split(record: ProteinRecord, split: str, task: ProteinTaskConfig) -> bool
     return record.is_test == (split == "test")
 
 
+def crop_start(length: int, record_id: str, task: ProteinTaskConfig) -> int:
+    """Where `crop` starts the window of a record of `length` residues (0 when it fits)."""
+    excess = length - task.max_length
+    if excess <= 0:
+        return 0
+    digest = hashlib.sha256(f"crop:{task.seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (excess + 1)
+
+
 def crop(sequence: str, record_id: str, task: ProteinTaskConfig) -> str:
     """A window of max_length residues at an offset fixed by (seed, id)."""
-    excess = len(sequence) - task.max_length
-    if excess <= 0:
-        return sequence
-    digest = hashlib.sha256(f"crop:{task.seed}:{record_id}".encode()).digest()
-    start = int.from_bytes(digest[:8], "big") % (excess + 1)
+    start = crop_start(len(sequence), record_id, task)
     return sequence[start:start + task.max_length]
 
 
@@ -263,7 +269,8 @@ def read_records(task: ProteinTaskConfig) -> Iterator[ProteinRecord]:
     for record_id, sequence, _ in _parse(path):
         cleaned = _clean(record_id, sequence, path, task.invalid_residues).sequence
         if cleaned is not None:
-            yield ProteinRecord(record_id, crop(cleaned, record_id, task), is_held_out(record_id, task))
+            yield ProteinRecord(record_id, crop(cleaned, record_id, task), is_held_out(record_id, task),
+                                crop_start(len(cleaned), record_id, task))
 
 
 def scan_fasta(task: ProteinTaskConfig) -> FastaScan:

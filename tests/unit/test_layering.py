@@ -18,6 +18,7 @@ LAYERS = [
     {"jobs", "slurm_preflight"},
     {"launch"},
     {"analysis"},
+    {"dashboard"},  # latent dashboards: compose analysis, write static sites
     {"bench"},  # benchmarks and studies: never imported by the trainer (bench.real composes configs with analysis)
     {"__init__"},
 ]
