@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train train-host test test-docs test-faults test-distributed test-gpu test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
+.PHONY: train train-host dashboard browser test test-browser test-docs test-faults test-distributed test-gpu test-slurm test-notebooks notebooks-full test-compare bench test-all slurm-up slurm-down clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ train-host: $(VENV)/.installed
 
 # The fast default suite (a few minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults and not distributed and not documented" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu and not compare and not notebooks and not faults and not distributed and not documented and not browser" $(PYTEST_ARGS)
 
 # Faults injected into real runs: kill -9, SIGTERM, a second process, refusals, divergence, a full
 # disk (a small tmpfs: needs root, skipped otherwise), a failing sweep job (a few minutes on 2 cores).
@@ -37,6 +37,14 @@ test-faults: $(VENV)/.installed
 # world size, refusals (about two minutes on 2 cores).
 test-distributed: $(VENV)/.installed
 	$(PY) -m pytest -q -m distributed -rs $(PYTEST_ARGS)
+
+# Debian's chromium + chromium-driver (as root, like the SLURM packages), for the dashboard browser tests.
+browser:
+	bash scripts/install_browser.sh
+
+# Dashboards opened in headless Chromium from file://: no console error, sorting, panels, shared links.
+test-browser: $(VENV)/.installed browser
+	$(PY) -m pytest -q -m browser -rs $(PYTEST_ARGS)
 
 # Every command in the README's and docs' shell blocks, run as written on a fresh copy of the repo with
 # tiny-run overrides appended to training commands (a few minutes on 2 cores; tests/e2e/test_documented_commands.py).

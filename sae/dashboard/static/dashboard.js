@@ -241,7 +241,7 @@
       ctx.fillStyle = split[k] === 0 ? "#d9d9d9" : mix(ACT, q[k] / 255);
       ctx.fillRect(b * cell, a * cell, cell, cell);
       if (split[k] === 1 && outline) { ctx.strokeStyle = "#777"; ctx.lineWidth = 1; ctx.strokeRect(b * cell + 0.5, a * cell + 0.5, cell - 1, cell - 1); }
-      else if (split[k] === 1) { ctx.fillStyle = "#555"; ctx.fillRect(b * cell, a * cell, 1, 1); }  // too small to outline: a corner dot
+      else if (split[k] === 1) { ctx.fillStyle = "#999"; ctx.fillRect(b * cell, a * cell, 1, 1); }  // too small to outline: a corner dot
     }
     const readout = el("div", { class: "caption", text: "hover for (a, b)" });
     canvas.addEventListener("mousemove", (e) => {
