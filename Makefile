@@ -21,6 +21,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 train: $(VENV)/.installed
 	$(PY) scripts/train.py $(ARGS)
 
+# The HTML latent dashboard of a run or sweep dir: make dashboard ARGS=outputs/runs/<date>/<time>
+dashboard: $(VENV)/.installed
+	$(PY) scripts/dashboard.py $(ARGS)
+
 train-host: $(VENV)/.installed
 	$(PY) scripts/train_host.py $(ARGS)
 

@@ -2,6 +2,7 @@
 computation (a direct count, a brute-force sort, the decoder through the unembedding, the FASTA read
 by Biopython), and every refusal before any work, leaving existing outputs byte for byte.
 tests/browser/ opens the same sites in headless Chromium."""
+import base64
 import json
 import logging
 import math
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae.activations.protein import shard_paths
+from sae.activations.protein import residue_rows, shard_paths
+from sae.config import load_run_config
 from sae.analysis.effects import decoder_logit_effects
 from sae.analysis.latents import LatentGrid, firing_frequency, latent_grid
 from sae.analysis.runs import load_sae_run, train_or_reuse
@@ -113,7 +115,7 @@ def test_top_pairs_are_a_brute_force_sort_and_the_heatmap_is_the_activation(runs
         expected = [value for value, _, _ in brute[:len(shown)] if value > 0]  # ties may list either pair
         np.testing.assert_allclose([row[3] for row in shown], expected, rtol=1e-3)
         grid = panels[latent]["grids"][0]  # uint8 of activation / max at (a, b)
-        q = np.frombuffer(__import__("base64").b64decode(grid["q"]), dtype=np.uint8).reshape(23, 23)
+        q = np.frombuffer(base64.b64decode(grid["q"]), dtype=np.uint8).reshape(23, 23)
         top_value, (a, b), _ = brute[0]
         assert math.isclose(grid["max"], top_value, rel_tol=1e-3) and q[a, b] == 255
         checked += 1
@@ -238,6 +240,13 @@ def test_protein_windows_are_the_strongest_residues_of_the_fasta(protein_site):
         codes = sae.encode(torch.from_numpy(rows))
     sequences = fasta_sequences()
     window = index["panel_meta"]["window"]
+    row_of = {}  # (record id, 1-based residue in the FASTA record) -> global row, for the shade check
+    cached = json.loads((cache / "rows.json").read_text())
+    for split, first in (("train", 0), ("test", cached["train"])):
+        mapped = residue_rows(load_run_config(run_dir).task, split, cached[split])
+        for row in range(len(mapped.record)):
+            record = mapped.record[row]
+            row_of[(mapped.ids[record], int(mapped.offsets[record] + mapped.position[row] + 1))] = first + row
     checked = 0
     for latent in range(sae.d_sae):
         shown = panels[latent]["windows"]
@@ -252,16 +261,41 @@ def test_protein_windows_are_the_strongest_residues_of_the_fasta(protein_site):
             around = w["letters"].strip()
             assert around in sequence  # the window is a contiguous stretch of that record
         assert sum(panels[latent]["enrichment"]["counts"]) == min(32, int((codes[:, latent] > 0).sum()))
+        shades = np.frombuffer(base64.b64decode(panels[latent]["shades"]), dtype=np.uint8).reshape(len(shown), -1)
+        for w, shade in zip(shown, shades):  # each letter shaded by that residue's own activation / the strongest
+            row = row_of[(w["record"], w["residue"])]
+            for offset, letter in zip(range(-window, window + 1), w["letters"]):
+                expected = 0 if letter == " " else codes[row + offset, latent].item() / strongest[0].item()
+                assert abs(int(shade[offset + window]) - expected * 255) <= 1
         checked += 1
     assert checked >= 5
     np.testing.assert_allclose(index["values"]["freq_train"][:5],
                                (codes[:int(index["panel_meta"]["train_rows"]), :5] > 0).float().mean(0), rtol=1e-3)
 
 
-def test_protein_position_profile_is_the_mean_activation_per_relative_position_bin(protein_site):
-    from sae.activations.protein import residue_rows
-    from sae.config import load_run_config
+def test_streaming_in_small_chunks_gives_the_same_protein_site(protein_site, tmp_path, monkeypatch):
+    """97-row chunks (interior chunks with context on both sides, windows across chunk edges, latents
+    skipped once their top-k is full) against the one-chunk build the other tests check."""
+    run_dir, out = protein_site
+    monkeypatch.setattr("sae.dashboard.protein.encode_rows", lambda d_sae: 97)
+    small = build_run_dashboard(run_dir, tmp_path / "small").parent
+    (index, panels), (index_small, panels_small) = site_data(out), site_data(small)
+    for key, column in index["values"].items():  # float sums in another order: the same to float32 rounding
+        other = index_small["values"][key]
+        if isinstance(column[0], float):
+            np.testing.assert_allclose(np.array(other, dtype=float), np.array(column, dtype=float), rtol=1e-3)
+        else:
+            assert other == column
+    for latent, panel in panels.items():
+        other = panels_small[latent]
+        key = [(w["record"], w["residue"], w["letters"]) for w in panel["windows"]]
+        assert [(w["record"], w["residue"], w["letters"]) for w in other["windows"]] == key
+        assert other["shades"] == panel["shades"]
+        assert other["enrichment"] == panel["enrichment"]
+        np.testing.assert_allclose(other["position"], panel["position"], rtol=1e-5, atol=1e-7)
 
+
+def test_protein_position_profile_is_the_mean_activation_per_relative_position_bin(protein_site):
     run_dir, out = protein_site
     _, panels = site_data(out)
     sae, cfg = load(run_dir), load_run_config(run_dir)
@@ -392,3 +426,19 @@ def test_a_sweep_page_links_each_jobs_dashboard_and_lists_the_failed_one(runs, t
     mtime = (sweep / "0_sae.k=4/dashboard/index.html").stat().st_mtime_ns
     build_sweep_dashboard(sweep)  # the job's dashboard is current: reused, not rebuilt
     assert (sweep / "0_sae.k=4/dashboard/index.html").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "sae").glob("*.yaml")))
+def test_every_sae_preset_gets_a_dashboard(preset, tmp_path, host_cache):
+    """Each SAE type encodes through its own inference path (BatchTopK: its threshold; JumpReLU: its
+    thresholds); the table must match a direct count for each."""
+    tiny = [o for o in TINY if not o.startswith(("sae.sparse_dim", "sae.k="))]  # each preset's own k (topk_k50: 50)
+    run = train_or_reuse([*tiny, "sae.sparse_dim=64", f"sae={preset}", f"host_model.cache_dir={host_cache}",
+                          "num_steps=20"], tmp_path / "run")
+    out = build_run_dashboard(run, tmp_path / "site").parent
+    index, panels = site_data(out)
+    loaded = load_sae_run(run)
+    _, is_train, codes = all_pairs(loaded)
+    assert index["latents"] == list(range(loaded.sae.d_sae)) and sorted(panels) == index["latents"]
+    np.testing.assert_allclose(index["values"]["freq_test"], (codes[~is_train] > 0).float().mean(0),
+                               rtol=1e-3, atol=1e-9)

@@ -305,8 +305,9 @@
   }
 
   // -- protein panels ----------------------------------------------------------------------------------
-  function windowRow(w) {
-    const shade = bytes(w.shade), row = el("div", { class: "window" });
+  function windowRow(w, shades, first) {
+    const row = el("div", { class: "window" });
+    const shade = shades.subarray(first, first + w.letters.length);
     row.append(el("span", { class: "meta", text: `${w.record} · residue ${w.residue}/${w.length} · ${num(w.value)} (${w.split})` }));
     [...w.letters].forEach((ch, j) => {
       const span = el("span", { class: "res" + (j === META.window ? " centre" : ""), text: ch });
@@ -332,7 +333,8 @@
   function proteinPanel(data) {
     const out = [el("h3", { text: "top-activating residues in their sequences" })];
     if (!data.windows.length) out.push(el("p", { class: "hint", text: "never fires" }));
-    for (const w of data.windows) out.push(windowRow(w));
+    const shades = bytes(data.shades), width = 2 * META.window + 1;
+    data.windows.forEach((w, j) => out.push(windowRow(w, shades, j * width)));
     out.push(el("p", { class: "caption", text: `±${META.window} residues around each; shaded white to blue by activation relative to the strongest; underlined: the residue itself` }));
     const aa = [...META.amino_acids], counts = data.enrichment.counts;
     out.push(el("h3", { text: "amino-acid enrichment of the top residues" }),
