@@ -108,7 +108,7 @@ def test_the_protein_dashboard_shows_sequence_windows(driver, tmp_path, tiny_esm
     windows = wait_for(driver, "#panel .window")
     assert len(windows) == len(panels[latent]["windows"])
     first = panels[latent]["windows"][0]
-    assert first["record"] in windows[0].text and f"residue {first['residue']}/" in windows[0].text
+    assert first["record"] in windows[0].text and f"residue {first['residue']} " in windows[0].text
     centre = windows[0].find_element(By.CSS_SELECTOR, ".res.centre").text
     assert centre == first["letters"][data["panel_meta"]["window"]]
     driver.save_screenshot(str(tmp_path / "protein_panel.png"))

@@ -255,7 +255,7 @@
       text: `activation over (a ↓, b →), white 0 to blue ${num(grid.max)}; ` + (outline ? "outlined" : "dark corner") + ": training pairs; grey: no such pair" }), readout);
   }
   function spectrum(op, f) {
-    const n = META.fourier[op].n, size = Math.floor(n / 2) + 1, cell = Math.max(2, Math.floor(240 / size)), m = 8;
+    const n = META.fourier[op].n, size = Math.floor(n / 2) + 1, cell = Math.max(2, Math.floor(300 / size)), m = 8;
     const canvas = el("canvas", { class: "map", width: size * cell + m, height: size * cell + m });
     const ctx = canvas.getContext("2d"), q = bytes(f.q);
     for (let i = 0; i < size; i++) for (let j = 0; j < size; j++) {
@@ -308,7 +308,8 @@
   function windowRow(w, shades, first) {
     const row = el("div", { class: "window" });
     const shade = shades.subarray(first, first + w.letters.length);
-    row.append(el("span", { class: "meta", text: `${w.record} · residue ${w.residue}/${w.length} · ${num(w.value)} (${w.split})` }));
+    row.append(el("span", { class: "meta", text: `${w.record} · residue ${w.residue} · ${num(w.value)} (${w.split})`,
+                            title: `${w.length} residues read from this record (longer ones are cropped to a window)` }));
     [...w.letters].forEach((ch, j) => {
       const span = el("span", { class: "res" + (j === META.window ? " centre" : ""), text: ch });
       span.style.background = ch === " " ? "transparent" : mix(ACT, shade[j] / 255);
