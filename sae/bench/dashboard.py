@@ -59,9 +59,10 @@ def protein_run(work: Path, residues: int, latents: int) -> Path:
     test_rows = residues // 10
     overrides = ["task=protein_mlm", f"task.fasta={fasta}", "host_model=esm2_t6_8M",
                  f"host_model.checkpoints=[{checkpoint}]", "host_model.layers=[4]",
-                 f"task.max_train_tokens={residues - test_rows}", f"task.max_test_tokens={test_rows}", "task.test_fraction=0.1", f"sae.sparse_dim={latents}",
-                 "sae.k=32", "num_steps=50", "batch_size=1024", "eval_every=50", "checkpoint_every=50",
-                 "task.eval_sequences=4", f"task.activation_cache={work / 'cache'}", "tracking=disabled"]
+                 f"task.max_train_tokens={residues - test_rows}", f"task.max_test_tokens={test_rows}",
+                 "task.test_fraction=0.1", f"sae.sparse_dim={latents}", "sae.k=32", "num_steps=50",
+                 "batch_size=1024", "eval_every=50", "checkpoint_every=50", "task.eval_sequences=4",
+                 f"task.activation_cache={work / 'cache'}", "tracking=disabled"]
     compose_train_config(overrides)  # checked before the long extraction
     return train_or_reuse(overrides, work / f"protein_{latents}")
 
