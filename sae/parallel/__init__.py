@@ -24,7 +24,7 @@ from sae.parallel.latents import shard_latents
 from sae.saes.base import SparseCoder
 from sae.world import LOCAL, Collective, World
 
-SHARDABLE_TYPES = ("vanilla", "topk", "batchtopk", "jumprelu")
+SHARDABLE_TYPES = ("vanilla", "topk", "batchtopk", "jumprelu", "gated")
 
 
 def check_parallel(hardware: HardwareConfig, world: World, batch_size: int, sparse_dim: int, sae_type: str) -> None:

@@ -14,6 +14,7 @@ from sae.errors import ReportedError
 from sae.saes.base import WEIGHTS_FORMAT, SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from sae.saes.foreign import foreign_format, load_foreign
+from sae.saes.gated import GatedSAE, GatedSAEConfig
 from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from sae.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
@@ -27,6 +28,7 @@ SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
     "batchtopk": (BatchTopKSAEConfig, BatchTopKSAE),
     "jumprelu": (JumpReLUSAEConfig, JumpReLUSAE),
     "matryoshka": (MatryoshkaSAEConfig, MatryoshkaSAE),
+    "gated": (GatedSAEConfig, GatedSAE),
 }
 
 
@@ -110,7 +112,7 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCo
 
 
 __all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
-           "BatchTopKSAE", "BatchTopKSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig",
+           "BatchTopKSAE", "BatchTopKSAEConfig", "GatedSAE", "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig",
            "MatryoshkaSAE", "MatryoshkaSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
            "VanillaSAE",
            "VanillaSAEConfig"]

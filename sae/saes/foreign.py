@@ -2,11 +2,12 @@
 
 SAELens (`SAE.load_from_disk`): cfg.json + sae_weights.safetensors, W_enc [d_in, d_sae],
 W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]; architectures "standard" (ReLU), "topk",
-"jumprelu" (+ threshold [d_sae]); b_dec is subtracted from the input (apply_b_dec_to_input).
+"jumprelu" (+ threshold [d_sae]), "gated" (b_gate, b_mag, r_mag [d_sae] instead of b_enc); b_dec is
+subtracted from the input (apply_b_dec_to_input).
 EleutherAI sparsify (`Sae.load_from_disk`): cfg.json + sae.safetensors, encoder.weight
 [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec; TopK only.
 
-Ours -> theirs: vanilla -> standard, topk -> topk (SAELens or sparsify), jumprelu -> jumprelu,
+Ours -> theirs: vanilla -> standard, topk -> topk (SAELens or sparsify), jumprelu -> jumprelu, gated -> gated,
 and BatchTopK / Matryoshka as what they are at inference, a JumpReLU at their threshold θ (the
 same θ for every latent). Our checkpoints hold weights in raw activation units (the training
 normalisation folded in), so the exported SAE takes raw activations (normalize_activations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from sae.errors import UserInputError
 from sae.saes.base import SparseCoder
+from sae.saes.gated import GatedSAE, GatedSAEConfig
 from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from sae.saes.topk import TopKSAE, TopKSAEConfig
 from sae.saes.vanilla import VanillaSAE, VanillaSAEConfig
@@ -56,7 +58,7 @@ def exported_architecture(sae: SparseCoder, fmt: str) -> str:
             raise UserInputError(f"sparsify stores TopK SAEs only; this SAE is {kind} (try --format saelens)")
         return "topk"
     return {"vanilla": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
-            "matryoshka": "jumprelu"}[kind]
+            "matryoshka": "jumprelu", "gated": "gated"}[kind]
 
 
 def thresholds(sae: SparseCoder) -> torch.Tensor:
@@ -75,6 +77,8 @@ def saelens_files(sae: SparseCoder, metadata: dict) -> tuple[dict, dict]:
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     if architecture == "jumprelu":
         weights["threshold"] = thresholds(sae)
+    if architecture == "gated":  # SAELens names the gate's bias b_gate and has no b_enc
+        weights.update(b_gate=weights.pop("b_enc"), b_mag=sae.b_mag, r_mag=sae.r_mag)
     return cfg, weights
 
 
@@ -120,10 +124,17 @@ def _from_saelens(cfg: dict, weights: dict, path: Path) -> SparseCoder:
                                        ("rescale_acts_by_decoder_norm",
                                         architecture == "topk" or not cfg.get("rescale_acts_by_decoder_norm")))
                    if not ok]
-    if unsupported or architecture not in ("standard", "topk", "jumprelu"):
+    if unsupported or architecture not in ("standard", "topk", "jumprelu", "gated"):
         raise UserInputError(f"{path}: SAELens architecture {architecture!r} with {unsupported or 'these settings'} "
-                             "has no equivalent here (supported: standard, topk, jumprelu; raw activations, b_dec "
-                             "subtracted from the input)")
+                             "has no equivalent here (supported: standard, topk, jumprelu, gated; raw activations, "
+                             "b_dec subtracted from the input)")
+    if architecture == "gated":
+        sae = GatedSAE(GatedSAEConfig(sparse_dim=d_sae), 1, d_in)
+        sae.load_state_dict({"W_enc": weights["W_enc"].t()[:, None].float().contiguous(),
+                             "W_dec": weights["W_dec"][:, None].float().contiguous(),
+                             "b_enc": weights["b_gate"].float(), "b_dec": weights["b_dec"][None].float(),
+                             "r_mag": weights["r_mag"].float(), "b_mag": weights["b_mag"].float()})
+        return sae
     if architecture == "topk":
         sae = TopKSAE(TopKSAEConfig(sparse_dim=d_sae, k=cfg["k"]), 1, d_in)
     elif architecture == "jumprelu":

@@ -1,6 +1,6 @@
 """Two gloo processes train what one process trains: data parallel (each rank half of every
 global batch) and latent sharded (each rank half of the latents), for vanilla, TopK (with AuxK on
-dead latents; and with dead latents resampled), BatchTopK, JumpReLU and Matryoshka (data parallel
+dead latents; and with dead latents resampled), BatchTopK, JumpReLU, gated and Matryoshka (data parallel
 only: its prefixes span shards), 300 steps, compared weight by weight, optimiser state and
 dead-latent counters included.
 
@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 from sae.hardware import Parallel
 from sae.parallel import SHARDABLE_TYPES
-from sae.saes import BatchTopKSAEConfig, JumpReLUSAEConfig, MatryoshkaSAEConfig, TopKSAEConfig, VanillaSAEConfig
+from sae.saes import (BatchTopKSAEConfig, GatedSAEConfig, JumpReLUSAEConfig, MatryoshkaSAEConfig, TopKSAEConfig,
+                      VanillaSAEConfig)
 from tests.distributed.harness import free_port, rank_main, train_steps
 
 STEPS, BATCH = 300, 256
@@ -29,6 +30,7 @@ CONFIGS = {
     "jumprelu": JumpReLUSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, bandwidth=0.1,
                                   init_threshold=0.05, dead_window=2048),
     "matryoshka": MatryoshkaSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048),
+    "gated": GatedSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, dead_window=2048),
 }
 JOBS = [(f"{parallel.value}-{name}", (cfg, STEPS, BATCH, parallel))
         for parallel in (Parallel.data, Parallel.latents) for name, cfg in CONFIGS.items()
@@ -53,7 +55,8 @@ def single_process_results() -> dict:
 def test_two_processes_train_the_single_process_sae(job, two_process_results, single_process_results):
     parallel, sae_type = job.split("-")
     ours, reference = two_process_results[job], single_process_results[sae_type]
-    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu", "resampled"), "the setting must exercise AuxK"
+    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu", "resampled", "gated"), \
+        "the setting must exercise AuxK"
     assert reference["restarted"] > 0 or sae_type != "resampled", "the setting must exercise resampling"
     assert ours["restarted"] == reference["restarted"]
     for name, tensor in reference["sae"].items():

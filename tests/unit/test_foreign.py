@@ -11,14 +11,15 @@ import torch
 
 from sae.errors import UserInputError
 from sae.jobs import run_training
-from sae.saes import BatchTopKSAEConfig, JumpReLUSAEConfig, TopKSAEConfig, VanillaSAEConfig, load
+from sae.saes import BatchTopKSAEConfig, GatedSAEConfig, JumpReLUSAEConfig, TopKSAEConfig, VanillaSAEConfig, load
 from sae.saes.export import export_sae
 from tests.conftest import tiny_host, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"vanilla": VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10),
            "topk": TopKSAEConfig(sparse_dim=64, k=4, k_aux=16), "jumprelu": JumpReLUSAEConfig(sparse_dim=64),
-           "batchtopk": BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16)}
+           "batchtopk": BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16),
+           "gated": GatedSAEConfig(sparse_dim=64, sparsity_warmup_steps=10)}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def same_codes(ours, theirs, d_in: int) -> None:
 
 
 @pytest.mark.parametrize("name, fmt", [("vanilla", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"),
-                                       ("batchtopk", "saelens"), ("topk", "sparsify")])
+                                       ("batchtopk", "saelens"), ("gated", "saelens"), ("topk", "sparsify")])
 def test_an_exported_sae_imports_back_with_the_same_codes(trained, tmp_path, name, fmt):
     out = export_sae(trained[name], fmt, tmp_path / "exported")
     weights = "sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"
@@ -54,6 +55,7 @@ def test_exports_the_target_cannot_hold_are_refused_and_write_nothing(trained, t
     run_training(tiny_train_config(host_cache, host_model=tiny_host(host_cache, layers=[0, 1])), crosscoder)
     cases = [(crosscoder, "saelens", "a crosscoder (2 sources) has no saelens format"),
              (trained["vanilla"], "sparsify", "sparsify stores TopK SAEs only"),
+             (trained["gated"], "sparsify", "sparsify stores TopK SAEs only; this SAE is gated"),
              (trained["topk"], "onnx", "--format onnx: unknown")]
     for source, fmt, message in cases:
         with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.compare
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vanilla", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("name", ["vanilla", "topk", "jumprelu", "batchtopk", "gated"])
 def test_saelens_loads_our_export_and_computes_our_codes(trained, tmp_path, name):  # noqa: F811
     SAE = pytest.importorskip("sae_lens").SAE
     out = export_sae(trained[name], "saelens", tmp_path / "exported")
@@ -44,7 +44,7 @@ def perturbed(module, seed: int):
     return module
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "topk_rescaled", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "topk_rescaled", "jumprelu", "gated"])
 def test_we_load_a_saelens_sae_and_compute_its_codes(tmp_path, architecture):
     """topk_rescaled: SAELens' TopK training default (pre-activations times decoder norms, decoded with
     unit rows), folded into our weights on load."""
@@ -52,7 +52,8 @@ def test_we_load_a_saelens_sae_and_compute_its_codes(tmp_path, architecture):
     classes = {"standard": (saes.StandardSAE, saes.StandardSAEConfig, {}),
                "topk": (saes.TopKSAE, saes.TopKSAEConfig, {"k": 6}),
                "topk_rescaled": (saes.TopKSAE, saes.TopKSAEConfig, {"k": 6, "rescale_acts_by_decoder_norm": True}),
-               "jumprelu": (saes.JumpReLUSAE, saes.JumpReLUSAEConfig, {})}
+               "jumprelu": (saes.JumpReLUSAE, saes.JumpReLUSAEConfig, {}),
+               "gated": (saes.GatedSAE, saes.GatedSAEConfig, {})}
     sae_cls, cfg_cls, extra = classes[architecture]
     theirs = perturbed(sae_cls(cfg_cls(d_in=16, d_sae=48, **extra)), seed=1)
     if architecture == "jumprelu":

@@ -605,3 +605,57 @@ def test_matryoshka_refuses_prefixes_that_do_not_nest(fractions):
 
     with pytest.raises(ValueError, match="sae.prefix_fractions"):
         MatryoshkaSAEConfig(sparse_dim=64, prefix_fractions=fractions)
+
+
+@pytest.mark.parametrize("n_sources", [1, 2])
+def test_gated_matches_the_papers_equations_written_out(n_sources):
+    """Rajamanoharan et al. 2024, eqs. (5)-(9), per source with W_mag built explicitly and the
+    auxiliary decoder as detached copies: loss terms and every parameter's gradient."""
+    from sae.saes.gated import GatedSAEConfig
+
+    sae = random_sae(GatedSAEConfig(sparse_dim=16), n_sources=n_sources, d_in=5, seed=3).double()
+    with torch.no_grad():
+        sae.r_mag.copy_(torch.randn(16, dtype=torch.float64) * 0.5)
+        sae.b_mag.copy_(torch.randn(16, dtype=torch.float64) * 0.3)
+    x = torch.randn(30, n_sources, 5, dtype=torch.float64)
+    coef = 0.3
+    out = sae(x)
+    sae.zero_grad()
+    (out.mse + coef * out.sparsity + out.aux).backward()
+
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
+    W_gate, b_gate, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    W_mag = params["r_mag"].exp()[:, None, None] * W_gate  # (W_mag)_ij = exp(r_mag)_i (W_gate)_ij
+    pi_gate = sum((x[:, s] - b_dec[s]) @ W_gate[:, s].t() for s in range(n_sources)) + b_gate
+    pi_mag = sum((x[:, s] - b_dec[s]) @ W_mag[:, s].t() for s in range(n_sources)) + params["b_mag"]
+    f = (pi_gate > 0).double() * torch.relu(pi_mag)
+    x_hat = torch.stack([f @ W_dec[:, s] + b_dec[s] for s in range(n_sources)], dim=1)
+    gate = torch.relu(pi_gate)
+    x_frozen = torch.stack([gate @ W_dec[:, s].detach() + b_dec[s].detach() for s in range(n_sources)], dim=1)
+    mse = ((x - x_hat) ** 2).sum() / len(x)
+    l1 = (gate * W_dec.norm(dim=-1).sum(dim=1)).sum() / len(x)  # decoder-norm weighted (module docstring)
+    aux = ((x - x_frozen) ** 2).sum() / len(x)
+    (mse + coef * l1 + aux).backward()
+    torch.testing.assert_close(out.latents, f.detach())
+    torch.testing.assert_close(sae.encode(x), f.detach())
+    for ours, reference in ((out.mse, mse), (out.sparsity, l1), (out.aux, aux)):
+        torch.testing.assert_close(ours, reference.detach())
+    assert params["r_mag"].grad.abs().sum() > 0 and params["b_enc"].grad.abs().sum() > 0
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(param.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gated_folds_the_input_scale_and_restarts_its_magnitude_path():
+    from sae.saes.gated import GatedSAEConfig
+
+    sae = random_sae(GatedSAEConfig(sparse_dim=12), n_sources=2, d_in=4, seed=1)
+    with torch.no_grad():
+        sae.r_mag.normal_()
+        sae.b_mag.normal_()
+    x = torch.randn(20, 2, 4)
+    scale = torch.tensor([0.5, 3.0])
+    before = sae.encode(x * scale[:, None])
+    sae.fold_input_scale(scale)
+    torch.testing.assert_close(sae.encode(x), before, rtol=1e-5, atol=1e-6)
+    sae.restart_latents(torch.tensor([2, 5]))
+    assert sae.r_mag[[2, 5]].eq(0).all() and sae.b_mag[[2, 5]].eq(0).all() and sae.r_mag[0] != 0
