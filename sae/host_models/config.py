@@ -15,8 +15,12 @@ STEP_SELECTOR = re.compile(r"step_(\d+)$")
 
 
 class Hookpoint(str, Enum):
-    resid_post = "resid_post"
+    """Where in each block the SAE reads (sae/host_models/transformer.py lists them in order)."""
+
+    resid_mid = "resid_mid"
     mlp_hidden = "mlp_hidden"
+    mlp_out = "mlp_out"
+    resid_post = "resid_post"
 
 
 class TokenPositions(str, Enum):

@@ -1,8 +1,10 @@
 """The grokking host: a small pre-norm transformer over `[a, op, b, =]`, with hookpoints.
 
-Hookpoints (names used by configs, caches and splicing):
-    blocks.{L}.resid_post   residual stream after block L           [batch, seq, d_model]
-    blocks.{L}.mlp_hidden   MLP hidden activations of block L        [batch, seq, d_mlp]
+Hookpoints (names used by configs, caches and splicing), in the order a block computes them:
+    blocks.{L}.resid_mid    residual stream after block L's attention, before its MLP  [batch, seq, d_model]
+    blocks.{L}.mlp_hidden   MLP hidden activations of block L                          [batch, seq, d_mlp]
+    blocks.{L}.mlp_out      what block L's MLP adds to the residual stream             [batch, seq, d_model]
+    blocks.{L}.resid_post   residual stream after block L                              [batch, seq, d_model]
 A hook is a function `activation -> activation`: returning its input reads, returning something
 else replaces (used to splice in SAE reconstructions and to clamp latents).
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
-HOOKPOINTS = ("resid_post", "mlp_hidden")
+HOOKPOINTS = ("resid_mid", "mlp_hidden", "mlp_out", "resid_post")
 
 
 class Activation(str, Enum):
@@ -60,7 +62,7 @@ def hook_name(layer: int, hookpoint: str) -> str:
 
 
 def hook_width(arch: TransformerArch, hookpoint: str) -> int:
-    return arch.d_model if hookpoint == "resid_post" else arch.d_mlp
+    return arch.d_mlp if hookpoint == "mlp_hidden" else arch.d_model
 
 
 def _make_norm(kind: Norm, d: int) -> nn.Module:
@@ -191,17 +193,18 @@ class GrokTransformer(nn.Module):
                 if name.startswith(f"blocks.{layer}."))
             attn_out = block.attn(block.norm_attn(x), last_query_only=last_only)
             x = (x[:, -1:] if last_only else x) + attn_out
-            hidden = block.mlp.hidden(block.norm_mlp(x))
-            name = hook_name(layer, "mlp_hidden")
-            if name in hooks:
-                hidden = hooks[name](hidden)
-            x = x + block.mlp.W_out(hidden)
-            name = hook_name(layer, "resid_post")
-            if name in hooks:
-                x = hooks[name](x)
+            x = self._hooked(hooks, layer, "resid_mid", x)
+            hidden = self._hooked(hooks, layer, "mlp_hidden", block.mlp.hidden(block.norm_mlp(x)))
+            x = x + self._hooked(hooks, layer, "mlp_out", block.mlp.W_out(hidden))
+            x = self._hooked(hooks, layer, "resid_post", x)
             if layer == stop_after_layer:
                 return x
         return self.unembed(self.norm_final(x[:, -1]))
+
+    @staticmethod
+    def _hooked(hooks: Mapping[str, Hook], layer: int, hookpoint: str, activation: torch.Tensor) -> torch.Tensor:
+        hook = hooks.get(hook_name(layer, hookpoint))
+        return activation if hook is None else hook(activation)
 
     @torch.no_grad()
     def capture(self, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:

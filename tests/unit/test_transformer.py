@@ -68,3 +68,25 @@ def test_a_hook_on_the_answer_position_only_keeps_the_shortcut_and_the_logits():
     shortcut = model(tokens, {"blocks.0.resid_post": edit})
     assert seen == [4, 1]
     torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_every_hookpoint_is_what_the_block_computes_written_out(norm):
+    """resid_mid, mlp_hidden, mlp_out and resid_post of each block against the block's modules applied
+    by hand; resid_post = resid_mid + mlp_out; replacing mlp_out with itself changes nothing."""
+    torch.manual_seed(0)
+    model = GrokTransformer(TransformerArch(vocab_size=29, n_outputs=23, n_layers=2, d_model=16, n_heads=4, kv_heads=4,
+                                            d_mlp=24, norm=norm))
+    tokens = torch.randint(0, 23, (6, 4))
+    names = [f"blocks.{layer}.{point}" for layer in (0, 1) for point in ("resid_mid", "mlp_hidden", "mlp_out", "resid_post")]
+    cache = model.capture(tokens, names)
+    x = model.embed(tokens) + model.pos_embed
+    for layer, block in enumerate(model.blocks):
+        mid = x + block.attn(block.norm_attn(x))
+        hidden = block.mlp.hidden(block.norm_mlp(mid))
+        out = block.mlp.W_out(hidden)
+        for point, expected in (("resid_mid", mid), ("mlp_hidden", hidden), ("mlp_out", out), ("resid_post", mid + out)):
+            torch.testing.assert_close(cache[f"blocks.{layer}.{point}"], expected, msg=f"{layer}.{point}")
+        x = mid + out
+    torch.testing.assert_close(model(tokens, {"blocks.1.mlp_out": lambda a: a.clone()}), model(tokens))
+    assert not torch.allclose(model(tokens, {"blocks.1.mlp_out": torch.zeros_like}), model(tokens))
