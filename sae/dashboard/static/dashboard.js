@@ -292,7 +292,8 @@
   function modularPanel(data) {
     const out = [];
     META.operations.forEach((op, o) => {
-      out.push(el("h3", { text: META.operations.length > 1 ? op : `activation over every pair (${op})` }),
+      const where = META.positions === "all" ? " at the answer position (the table counts every token)" : "";
+      out.push(el("h3", { text: (META.operations.length > 1 ? op : `activation over every pair (${op})`) + where }),
                el("div", { class: "maps" }, heatmap(o, data.grids[o]), spectrum(o, data.fourier[o])));
     });
     const rows = data.top.map(([op, a, b, v, train]) => el("tr", {}, el("td", { text: op }), el("td", { text: a }),
