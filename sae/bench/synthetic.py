@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae.bench.correlated import correlated_activations
 from sae.bench.external import EXTERNAL, build_external, external_available
 from sae.bench.hierarchy import HierarchicalData, absorption, hierarchical_activations, parents_per_token
 from sae.saes import build_sae
@@ -109,6 +110,8 @@ class DenseTopKReference(nn.Module):
         return self.forward(x).latents
 
 
+DATA_GENERATORS = ("flat", "correlated")
+
 @dataclass
 class Case:
     impl: str
@@ -144,6 +147,7 @@ class Case:
     varied_complexity: bool = False  # a geometric number of features per token (mean k / 2) instead of exactly k / 2
     children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench/hierarchy.py)
     token_features: int | None = None  # true features per token (on average); None: k / 2, the slack TopK gets
+    data: str = "flat"  # or "correlated": firing spread 50x and correlated through a copula (sae/bench/correlated.py)
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -263,6 +267,9 @@ def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, Hier
     """(tokens, true features, the hierarchy's bookkeeping or None) for the case's data."""
     n_true = max(1, round(case.true_features * case.d_sae))
     per_token = case.token_features or max(1, case.k // 2)
+    if case.data == "correlated":
+        x, features, _ = correlated_activations(case.d_in, n_true, per_token, n, case.seed)
+        return x, features, None
     if case.children:
         data = hierarchical_activations(case.d_in, n_true, case.children, parents_per_token(per_token), n, case.seed)
         return data.x, data.features, data
@@ -499,6 +506,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=[d.value for d in DType])
     parser.add_argument("--true-features", type=float, default=1.0, help="ground-truth features per latent")
+    parser.add_argument("--data", default="flat", choices=DATA_GENERATORS,
+                        help="flat: every feature equally likely, independent; correlated: firing probabilities "
+                             "spread 50x, co-firing through a rank-8 Gaussian copula (rho 0.5)")
+    parser.add_argument("--token-features", type=int, default=None,
+                        help="true features active per token on average (default k / 2)")
     parser.add_argument("--vanilla-coef", type=float, default=VANILLA_COEF, help="the vanilla SAE's L1 coefficient")
     parser.add_argument("--jumprelu-coef", type=float, default=JUMPRELU_COEF, help="the JumpReLU SAE's L0 coefficient")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -523,7 +535,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for impl in impls:
             case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
                         args.dtype, args.true_features, args.vanilla_coef, jumprelu_coef=args.jumprelu_coef,
-                        eval_every=args.curve_every)
+                        eval_every=args.curve_every, data=args.data, token_features=args.token_features)
             results.append(run_isolated(case))
             print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
                   f"FVU {results[-1]['fvu']:.4f}", flush=True)

@@ -1,0 +1,73 @@
+"""The correlated synthetic generator (sae/bench/correlated.py): marginal firing rates are the
+geometric probabilities asked for, features co-fire as their copula loadings say (and do not at rho = 0),
+tokens are normalised, and one seed gives one data set."""
+import math
+
+import pytest
+import torch
+
+from sae.bench.correlated import CopulaFeatures, correlated_activations, firing_probabilities
+
+N = 60_000
+
+
+def test_probabilities_are_geometric_with_the_spread_and_mean_asked_for():
+    p = firing_probabilities(1024, 12, 50)
+    assert math.isclose(p.sum().item(), 12, rel_tol=1e-9) and math.isclose((p[0] / p[-1]).item(), 50, rel_tol=1e-9)
+    assert torch.all(p[1:] < p[:-1])
+    with pytest.raises(ValueError, match="probability of .* >= 1"):
+        firing_probabilities(16, 12, 50)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_each_feature_fires_at_its_probability_whatever_the_correlation(rho):
+    truth = CopulaFeatures(16, 64, 4, 50, 4, rho, torch.Generator().manual_seed(0))
+    rate = truth.fires(N, torch.Generator().manual_seed(1)).double().mean(dim=0)
+    sigma = (truth.p * (1 - truth.p) / N).sqrt()
+    assert torch.all((rate - truth.p).abs() < 5 * sigma), (rate - truth.p).abs().div(sigma).max()
+
+
+def indicator_correlations(fires: torch.Tensor) -> torch.Tensor:
+    f = fires.double()
+    f = (f - f.mean(dim=0)) / f.std(dim=0)
+    return f.t() @ f / (len(f) - 1)
+
+
+def test_features_co_fire_as_their_loadings_say_and_not_without_correlation():
+    generator = torch.Generator().manual_seed(0)
+    truth = CopulaFeatures(16, 48, 6, 10, 2, 0.8, generator)
+    observed = indicator_correlations(truth.fires(N, torch.Generator().manual_seed(2)))
+    latent = truth.loadings @ truth.loadings.t()  # the correlation of z_i and z_j
+    pairs = torch.triu_indices(48, 48, offset=1)
+    strong = latent[pairs[0], pairs[1]].abs().argsort(descending=True)[:30]
+    i, j = pairs[0][strong], pairs[1][strong]
+    assert torch.all(observed[i, j].sign() == latent[i, j].sign())
+    assert observed[i, j].abs().min() > 5 / math.sqrt(N)
+    independent = CopulaFeatures(16, 48, 6, 10, 2, 0.0, torch.Generator().manual_seed(0))
+    off = indicator_correlations(independent.fires(N, torch.Generator().manual_seed(2)))[pairs[0], pairs[1]]
+    assert off.abs().max() < 5 / math.sqrt(N)
+
+
+def test_tokens_are_normalised_and_one_seed_gives_one_data_set():
+    x, features, p = correlated_activations(32, 256, 6, 20_000, seed=3)
+    assert x.shape == (20_000, 32) and features.shape == (256, 32) and math.isclose(p.sum().item(), 6, rel_tol=1e-5)
+    assert math.isclose(x.pow(2).sum(dim=1).mean().item(), 32, rel_tol=1e-4)
+    again, _, _ = correlated_activations(32, 256, 6, 20_000, seed=3)
+    assert torch.equal(x, again) and not torch.equal(x, correlated_activations(32, 256, 6, 20_000, seed=4)[0])
+
+
+def test_the_benchmark_trains_on_the_correlated_data_when_asked(tmp_path):
+    import json
+
+    from sae.bench.synthetic import main
+
+    results = main(["--sizes", "16,128,8", "--impls", "topk", "--tokens", "8192", "--batch", "512", "--threads", "1",
+                    "--data", "correlated", "--token-features", "6", "--json", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())[0]
+    assert saved["data"] == "correlated" and saved["token_features"] == 6 and math.isfinite(results[0]["fvu"])
+    from sae.bench.synthetic import Case, synthetic_data
+
+    case = Case("topk", 16, 128, 8, 512, 8192, 2e-3, "cpu", 1, "float32", data="correlated", token_features=6)
+    x, features, _ = synthetic_data(case, 1000)
+    expected, expected_features, _ = correlated_activations(16, 128, 6, 1000, seed=0)
+    assert torch.equal(x, expected) and torch.equal(features, expected_features)
