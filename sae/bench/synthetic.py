@@ -427,12 +427,15 @@ def table(results: list[dict]) -> str:
     lines = ["| size (d_in, d_sae, k) | impl | tokens/s | vs dense | of encoder-matmul floor: fresh / reused output "
              "| peak mem (GiB) | FVU | L0 | dead | mean max cos | recovered |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    dense = {(r["d_in"], r["d_sae"], r["k"]): r["tokens_per_s"] for r in results if r["impl"] == "dense_topk"}
+    dense = {(r["d_in"], r["d_sae"], r["k"], r["seed"]): r["tokens_per_s"]
+             for r in results if r["impl"] == "dense_topk"}
+    seeded = len({r["seed"] for r in results}) > 1
     for r in results:
         size = (r["d_in"], r["d_sae"], r["k"])
-        ratio = f"{r['tokens_per_s'] / dense[size]:.2f}x" if size in dense else "-"
+        ratio = f"{r['tokens_per_s'] / dense[(*size, r['seed'])]:.2f}x" if (*size, r["seed"]) in dense else "-"
         fresh, reused = r["floor_fresh_tokens_per_s"], r["floor_reused_tokens_per_s"]
-        lines.append(f"| {size} | {r['impl']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+        impl = f"{r['impl']} (seed {r['seed']})" if seeded else r["impl"]
+        lines.append(f"| {size} | {impl} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{r['tokens_per_s'] / fresh:.0%} of {fresh:,.0f} / "
                      f"{r['tokens_per_s'] / reused:.0%} of {reused:,.0f} "
                      f"({r['gemm_fresh_gflops']:.0f} / {r['gemm_reused_gflops']:.0f} GFLOP/s) | "
@@ -511,6 +514,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "spread 50x, co-firing through a rank-8 Gaussian copula (rho 0.5)")
     parser.add_argument("--token-features", type=int, default=None,
                         help="true features active per token on average (default k / 2)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data and init), one run each")
     parser.add_argument("--vanilla-coef", type=float, default=VANILLA_COEF, help="the vanilla SAE's L1 coefficient")
     parser.add_argument("--jumprelu-coef", type=float, default=JUMPRELU_COEF, help="the JumpReLU SAE's L0 coefficient")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -530,15 +534,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     missing = [impl for impl in impls if impl in EXTERNAL and not external_available(impl)]
     if missing:
         parser.error(f"--impls {','.join(missing)} needs the comparison libraries: pip install -e '.[compare]'")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, got '{args.seeds}'")
     results = []
     for d_in, d_sae, k in args.sizes:
-        for impl in impls:
-            case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
-                        args.dtype, args.true_features, args.vanilla_coef, jumprelu_coef=args.jumprelu_coef,
-                        eval_every=args.curve_every, data=args.data, token_features=args.token_features)
-            results.append(run_isolated(case))
-            print(f"{impl:10s} {(d_in, d_sae, k)}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
-                  f"FVU {results[-1]['fvu']:.4f}", flush=True)
+        for seed in seeds:
+            for impl in impls:
+                case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
+                            args.dtype, args.true_features, args.vanilla_coef, seed=seed,
+                            jumprelu_coef=args.jumprelu_coef, eval_every=args.curve_every, data=args.data,
+                            token_features=args.token_features)
+                results.append(run_isolated(case))
+                print(f"{impl:10s} {(d_in, d_sae, k)} seed {seed}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
+                      f"FVU {results[-1]['fvu']:.4f}", flush=True)
     print(table(results))
     if args.curve_every:
         print(equal_time_table(results))

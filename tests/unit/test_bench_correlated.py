@@ -71,3 +71,13 @@ def test_the_benchmark_trains_on_the_correlated_data_when_asked(tmp_path):
     x, features, _ = synthetic_data(case, 1000)
     expected, expected_features, _ = correlated_activations(16, 128, 6, 1000, seed=0)
     assert torch.equal(x, expected) and torch.equal(features, expected_features)
+
+
+def test_several_seeds_give_one_row_each_named_by_seed(capsys):
+    from sae.bench.synthetic import main
+
+    results = main(["--sizes", "8,32,2", "--impls", "topk", "--tokens", "2048", "--batch", "256", "--threads", "1",
+                    "--seeds", "0,5"])
+    assert [r["seed"] for r in results] == [0, 5] and results[0]["fvu"] != results[1]["fvu"]
+    out = capsys.readouterr().out
+    assert "| topk (seed 0) |" in out and "| topk (seed 5) |" in out
