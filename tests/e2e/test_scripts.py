@@ -56,7 +56,8 @@ def test_train_host_script_then_sae_on_its_run(tmp_path):
     (["host_model.checkpoints=[missing/step.safetensors]"], "Error: host_model.checkpoints: file not found: missing/step.safetensors"),
     (["host_model.run_dir=nowhere"], "Error: host_model.run_dir=nowhere holds no finished host run"),
     (["sae.kk=50"], "Error: Could not override 'sae.kk': Key 'kk' not in 'TopKSAEConfig' (full key: sae.kk)"),
-    (["sae=topkk"], "Error: Could not find 'sae/topkk' (available options: batchtopk, jumprelu, matryoshka, topk, topk_k50, vanilla)"),
+    (["sae=topkk"], "Error: Could not find 'sae/topkk' (available options: "
+                    f"{', '.join(sorted(p.stem for p in (ROOT / 'conf' / 'sae').glob('*.yaml')))})"),
     (["hardware.device=gpu"], "Error: Error merging override hardware.device=gpu: Invalid value 'gpu', expected one "
                               "of [cpu, cuda] (full key: hardware.device)"),
     (["sae.k=fifty"], "Error: Error merging override sae.k=fifty: Value 'fifty' of type 'str' could not be converted "
