@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from sae.errors import UserInputError
-from sae.host_models.config import ESM2HostConfig, HostModelConfig
+from sae.host_models.config import ESM2HostConfig, Hookpoint, HostModelConfig
 from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
@@ -58,6 +58,7 @@ class TrainConfig(HostTrainConfig):
 
     def __post_init__(self) -> None:
         check_task_host_pair(self.task, self.host_model)
+        read_transcoder_hooks(self.sae, self.host_model)
         for key in ("batch_size", "num_steps", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -80,6 +81,42 @@ def check_task_host_pair(task: Any, host: Any) -> None:
     for task_cls, host_cls, host_text in TASK_HOSTS:
         if isinstance(task, task_cls) and not isinstance(host, host_cls):
             raise ValueError(f"task={task.name} needs {host_text}, got host_model={host.name}")
+
+
+def read_transcoder_hooks(sae: SAEConfig, host: Any) -> None:
+    """A transcoder names its hooks in sae.input_hookpoint / sae.target_hookpoint; the host config reads
+    them from there (host_model.hookpoint, host_model.target_hookpoint). One-line refusals for hooks the
+    host lacks, a target not after the input, or widths that differ."""
+    if not sae.transcoder:
+        if getattr(host, "target_hookpoint", None) is not None:
+            raise ValueError(f"host_model.target_hookpoint={host.target_hookpoint.value} is set from "
+                             "sae.target_hookpoint (a transcoder, e.g. sae=transcoder); leave it null")
+        return
+    if not isinstance(host, HostModelConfig):
+        raise ValueError(f"sae.target_hookpoint={sae.target_hookpoint}: transcoders need a host with MLP input and "
+                         f"output hooks; {host.name} exposes only its residual stream (layers.L.resid) here. "
+                         "Supported: host_model=transformer")
+    order = [hook.value for hook in Hookpoint]
+    for key in ("input_hookpoint", "target_hookpoint"):
+        if getattr(sae, key) not in order:
+            raise ValueError(f"sae.{key}={getattr(sae, key)} is not a hook of the transformer host; "
+                             f"allowed: {', '.join(order)}")
+    source, target = sae.input_hookpoint, sae.target_hookpoint
+    if order.index(target) <= order.index(source):
+        raise ValueError(f"sae.target_hookpoint={target} must come after sae.input_hookpoint={source} in the block "
+                         f"({' -> '.join(order)}): a transcoder predicts a later hook from an earlier one")
+    widths = {hook: host.d_mlp if hook == Hookpoint.mlp_hidden.value else host.d_model for hook in (source, target)}
+    if widths[source] != widths[target]:
+        raise ValueError(f"sae.input_hookpoint={source} (width {widths[source]}) and sae.target_hookpoint={target} "
+                         f"(width {widths[target]}) differ: a transcoder maps between hooks of one width "
+                         "(e.g. resid_mid -> mlp_out)")
+    if host.hookpoint.value not in (Hookpoint.resid_post.value, source):
+        raise ValueError(f"host_model.hookpoint={host.hookpoint.value} and sae.input_hookpoint={source} disagree: "
+                         "a transcoder reads sae.input_hookpoint; drop host_model.hookpoint")
+    if host.target_hookpoint is not None and host.target_hookpoint.value != target:
+        raise ValueError(f"host_model.target_hookpoint={host.target_hookpoint.value} is set from "
+                         f"sae.target_hookpoint={target}; leave it null")
+    host.hookpoint, host.target_hookpoint = Hookpoint(source), Hookpoint(target)
 
 
 class ConfigError(UserInputError):

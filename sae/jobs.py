@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
                             group)  # every rank extracts a share of a new activation cache
     if resume is None:
         log_host_record(tracker, data.meta().get("host_run_dir"))
-    _, n_sources, d_in = data.train.shape
+    n_sources, d_in = len(data.sources), data.train.shape[-1]  # (a transcoder's rows hold its targets too)
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(cfg.sae, n_sources, d_in).to(device)  # the whole dictionary on every rank: same init
@@ -414,8 +414,9 @@ def train_metrics(out, x: torch.Tensor, loss: torch.Tensor, lr: float, coef: flo
         means = torch.stack([loss, out.mse, out.aux, out.sparsity]).detach().float()
         l0 = shards.sum(out.l0().mean().reshape(1))  # a shard counts its own latents
         means = rows.sum(torch.cat([means, l0])) / rows.size  # equal slices: the mean of means
-        squared_error = rows.sum((out.x_hat.float() - x).pow(2).sum())
-        fvu = squared_error / total_variance(x, rows)
+        target = sae.targets_of(x)  # x itself for an SAE
+        squared_error = rows.sum((out.x_hat.float() - target).pow(2).sum())
+        fvu = squared_error / total_variance(target, rows)
         loss_value, mse, aux, sparsity, l0_value = means.tolist()
         return {
             "train/loss": loss_value, "train/mse": mse, "train/aux": aux, "train/sparsity": sparsity,

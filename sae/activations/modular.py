@@ -6,7 +6,7 @@ or pairs x positions (token_positions=all); train and test pairs are kept apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,13 +35,14 @@ class Source:
 class ActivationData:
     """train/test: [rows, n_sources, d_in], already multiplied by `scale` ([n_sources])."""
 
-    sources: list[Source]
+    sources: list[Source]  # the columns of a table row; a transcoder's rows then hold `targets`' columns
     dataset: ModularDataset
     positions: TokenPositions
     train: torch.Tensor
     test: torch.Tensor
     scale: torch.Tensor
     host_run_dir: Path
+    targets: list[Source] = field(default_factory=list)  # a transcoder's target per source (same order)
     row_unit = "pairs"  # what one row of train/test is, for printed summaries
 
     @property
@@ -54,6 +55,8 @@ class ActivationData:
                 "host_run_dir": str(Path(self.host_run_dir).resolve())}
         for entry, source in zip(meta["sources"], self.sources):
             entry["step"] = source.record.get("step")  # what the selector (final, pre_grok, ...) resolved to
+        if self.targets:
+            meta["targets"] = sources_meta(self.targets)["sources"]
         return meta
 
     def eval_table(self, split: str) -> torch.Tensor:
@@ -61,9 +64,11 @@ class ActivationData:
         return self.train if split == "train" else self.test
 
 
-def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) -> tuple[list[Source], Path]:
+def load_sources(task: ModularTaskConfig, host: HostModelConfig,
+                 device: str) -> tuple[list[Source], list[Source], Path]:
+    """(sources, a transcoder's target per source or [], the host run dir)."""
     run_dir = ensure_host_run(task, host, device)
-    sources = []
+    sources, targets = [], []
     for selector in host.checkpoints:
         label, path, record = resolve_checkpoint(run_dir, selector)
         model = load_host(path, device)
@@ -73,11 +78,16 @@ def load_sources(task: ModularTaskConfig, host: HostModelConfig, device: str) ->
                                    f"(n_layers={model.arch.n_layers})")
             hook = hook_name(layer, host.hookpoint.value)
             sources.append(Source(f"{label}.L{layer}", label, layer, model, hook, record))
-    widths = {hook_width(s.model.arch, host.hookpoint.value) for s in sources}
+            if host.target_hookpoint is not None:
+                target = hook_name(layer, host.target_hookpoint.value)
+                targets.append(Source(f"{label}.L{layer}.{host.target_hookpoint.value}", label, layer, model, target,
+                                      record))
+    hookpoints = [host.hookpoint.value] + ([host.target_hookpoint.value] if targets else [])
+    widths = {hook_width(s.model.arch, hookpoint) for s in sources for hookpoint in hookpoints}
     if len(widths) > 1:
-        raise HostRunError(f"host_model.checkpoints: the sources have different widths {sorted(widths)}; "
-                           "a crosscoder needs one d_in")
-    return sources, run_dir
+        raise HostRunError(f"host_model: the sources{' and targets' if targets else ''} have different widths "
+                           f"{sorted(widths)}; a crosscoder or transcoder needs one d_in")
+    return sources, targets, run_dir
 
 
 @torch.no_grad()
@@ -93,12 +103,14 @@ def extract(sources: list[Source], tokens: torch.Tensor, positions: TokenPositio
 
 def load_activation_data(task: ModularTaskConfig, host: HostModelConfig, normalize: bool,
                          device: str) -> ActivationData:
-    sources, run_dir = load_sources(task, host, device)
+    sources, targets, run_dir = load_sources(task, host, device)
     dataset = build_dataset(task)
     dataset.tokens, dataset.labels = dataset.tokens.to(device), dataset.labels.to(device)
     dataset.is_train, dataset.op_ids = dataset.is_train.to(device), dataset.op_ids.to(device)
     positions = host.token_positions
-    train = extract(sources, dataset.train[0], positions)
-    test = extract(sources, dataset.test[0], positions)
-    scale = normalisation_scale(train) if normalize else torch.ones(len(sources), device=train.device)
-    return ActivationData(sources, dataset, positions, train * scale[:, None], test * scale[:, None], scale, run_dir)
+    columns = sources + targets  # a transcoder's rows: inputs, then targets (each column its own scale)
+    train = extract(columns, dataset.train[0], positions)
+    test = extract(columns, dataset.test[0], positions)
+    scale = normalisation_scale(train) if normalize else torch.ones(len(columns), device=train.device)
+    return ActivationData(sources, dataset, positions, train * scale[:, None], test * scale[:, None], scale, run_dir,
+                          targets)

@@ -50,6 +50,8 @@ class HostModelConfig:
     checkpoints: list[str] = field(default_factory=lambda: ["final"])
     layers: list[int] = field(default_factory=lambda: [0])
     hookpoint: Hookpoint = Hookpoint.resid_post
+    # a transcoder's target (each source's layer): set from sae.target_hookpoint, not by hand
+    target_hookpoint: Optional[Hookpoint] = None
     token_positions: TokenPositions = TokenPositions.answer
 
     def __post_init__(self) -> None:

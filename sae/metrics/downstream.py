@@ -76,7 +76,9 @@ def spliced_metrics(model: GrokTransformer, tokens: torch.Tensor, labels: torch.
 
 def spliced_source_metrics(data, split: str, raw_x: torch.Tensor, raw_x_hat: torch.Tensor) -> dict[str, float]:
     """Per source of a modular host: the reconstruction spliced in, answer CE/accuracy (per
-    operation too). data: sae.activations.modular.ActivationData; raw_*: [rows, n_sources, d_in]."""
+    operation too). data: sae.activations.modular.ActivationData; raw_*: [rows, n_sources, d_in], the
+    reconstructed columns (a transcoder's targets: its prediction replaces the target hook, computed from
+    the clean input, and zero-ablation zeroes that hook)."""
     tokens, labels = data.dataset.train if split == "train" else data.dataset.test
     in_split = data.dataset.is_train if split == "train" else ~data.dataset.is_train
     op_ids = data.dataset.op_ids[in_split]
@@ -84,7 +86,8 @@ def spliced_source_metrics(data, split: str, raw_x: torch.Tensor, raw_x_hat: tor
               if len(data.dataset.operations) > 1 else None)
     metrics = {}
     for s, source in enumerate(data.sources):
-        spliced = spliced_metrics(source.model, tokens, labels, source.hook, raw_x_hat[:, s], raw_x[:, s],
+        spliced_at = data.targets[s] if data.targets else source  # a transcoder replaces its target hook
+        spliced = spliced_metrics(source.model, tokens, labels, spliced_at.hook, raw_x_hat[:, s], raw_x[:, s],
                                   data.positions, groups)
         metrics.update({f"{source.name}/{k}": v for k, v in spliced.items()})
     return metrics

@@ -36,6 +36,8 @@ def encode_decode(sae: SparseCoder, x: torch.Tensor) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def evaluate(sae: SparseCoder, data: Activations, downstream: bool = True) -> dict[str, float]:
     """Metric names: eval/<split>/{fvu,l0,dead_frac} and eval/<split>/<source>/{fvu,mse,ce_*,acc_*,loss_recovered};
+    for a transcoder, fvu and mse are of its targets and the spliced metrics replace the target hook
+    (e.g. the MLP's output) by its prediction from the clean input (the replacement model);
     a task with several operations adds eval/<split>/<source>/acc_{clean,spliced,zero}_<operation>.
     For protein tasks `data` is a ProteinActivationData and ce_* are masked-LM losses (no acc_*).
 
@@ -45,13 +47,15 @@ def evaluate(sae: SparseCoder, data: Activations, downstream: bool = True) -> di
     sae.eval()
     metrics: dict[str, float] = {}
     for split in ("train", "test"):
-        x = data.eval_table(split)
-        x_hat, row_l0, fire_counts = encode_decode(sae, x)
+        table = data.eval_table(split)
+        x_hat, row_l0, fire_counts = encode_decode(sae, table)
+        x = sae.targets_of(table)  # what x_hat reconstructs: the table itself, or a transcoder's targets
+        scale = sae.targets_of(data.scale[None, :, None])[0]  # [n_sources, 1]
         prefix = f"eval/{split}"
         metrics[f"{prefix}/fvu"] = fvu_all_sources(x, x_hat).item()
         metrics[f"{prefix}/l0"] = row_l0.mean().item()
         metrics[f"{prefix}/dead_frac"] = dead_fraction(fire_counts).item()
-        raw_x, raw_x_hat = x / data.scale[:, None], x_hat / data.scale[:, None]
+        raw_x, raw_x_hat = x / scale, x_hat / scale
         per_source_fvu, per_source_mse = fvu(x, x_hat), mse(raw_x, raw_x_hat)
         for s, source in enumerate(data.sources):
             metrics[f"{prefix}/{source.name}/fvu"] = per_source_fvu[s].item()

@@ -7,11 +7,18 @@ summed, and one decoder per source:
     pre  = sum_s (x_s - b_dec_s) @ W_enc[:, s].T + b_enc
     x̂_s  = f @ W_dec[:, s] + b_dec_s
 Subclasses choose the activation f = act(pre) and may add an auxiliary loss.
+
+A transcoder (sae.target_hookpoint set) reads one hook and predicts another: its table rows hold
+the S input columns and then the S target columns ([batch, 2 S, d_in]); the encoder centres the
+inputs by its own b_in (not b_dec), the decoder predicts the targets, and a skip transcoder adds a
+linear map of the input per source (Paulo et al. 2025):
+    pre  = sum_s (x_s - b_in_s) @ W_enc[:, s].T + b_enc
+    ŷ_s  = f @ W_dec[:, s] + b_dec_s (+ W_skip[s] @ x_s)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,10 @@ class SAEConfig:
     resample_every: int | None = None
     resample_until: float = 0.5  # ... while step <= this fraction of num_steps, and never in the last interval
     resample_encoder_scale: float = 0.2  # a restarted encoder row's norm, x the alive latents' mean
+    # transcoder: read input_hookpoint, predict target_hookpoint of the same layer (null: an SAE)
+    input_hookpoint: Optional[str] = None
+    target_hookpoint: Optional[str] = None
+    skip: bool = False  # skip transcoder: a learned linear map from input to target beside the latents
 
     def __post_init__(self) -> None:
         own_type = next(f.default for f in fields(self) if f.name == "type")
@@ -59,6 +70,17 @@ class SAEConfig:
                              f"got {self.resample_until}")
         if self.resample_encoder_scale <= 0:
             raise ValueError(f"sae.resample_encoder_scale must be > 0, got {self.resample_encoder_scale}")
+        if (self.input_hookpoint is None) != (self.target_hookpoint is None):
+            raise ValueError("a transcoder names both sae.input_hookpoint and sae.target_hookpoint (an SAE "
+                             f"neither), got input_hookpoint={self.input_hookpoint}, "
+                             f"target_hookpoint={self.target_hookpoint}")
+        if self.skip and not self.transcoder:
+            raise ValueError("sae.skip=true needs a transcoder (sae.input_hookpoint and sae.target_hookpoint "
+                             "set, e.g. sae=transcoder)")
+
+    @property
+    def transcoder(self) -> bool:
+        return self.target_hookpoint is not None
 
 
 WEIGHTS_FORMAT = 2  # W_enc [d_sae, n_sources, d_in] (format 1, [n_sources, d_in, d_sae], is refused on load)
@@ -167,40 +189,73 @@ class SparseCoder(nn.Module):
     def __init__(self, cfg: SAEConfig, n_sources: int, d_in: int):
         super().__init__()
         self.cfg, self.n_sources, self.d_in, self.d_sae = cfg, n_sources, d_in, cfg.sparse_dim
+        self.transcoder = cfg.transcoder
+        self.n_columns = 2 * n_sources if self.transcoder else n_sources  # of a table row: inputs (+ targets)
         W_dec = torch.randn(self.d_sae, n_sources, d_in)
         W_dec *= cfg.init_decoder_norm / W_dec.flatten(1).norm(dim=1)[:, None, None]
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.clone())  # encoder starts as the decoder transpose
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_in))
+        if self.transcoder:
+            self.b_in = nn.Parameter(torch.zeros(n_sources, d_in))  # centres the input (b_dec is the target's)
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(n_sources, d_in, d_in))  # [s, target, input]; starts off
+
+    # -- a table row: the input columns, then (transcoders) the target columns ------------------
+    def inputs_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input [batch, n_sources, d_in] of a table [batch, n_columns, d_in] (or of
+        inputs alone, which come back as they are)."""
+        return x[:, :self.n_sources] if self.transcoder and x.shape[1] == self.n_columns else x
+
+    def targets_of(self, x: torch.Tensor) -> torch.Tensor:
+        """What the decoder reconstructs, [batch, n_sources, d_in], of a table [batch, n_columns, d_in]."""
+        return x[:, self.n_sources:] if self.transcoder else x
+
+    def input_centre(self) -> torch.Tensor:
+        """[n_sources, d_in] subtracted from the input before the encoder: b_dec for an SAE, b_in for
+        a transcoder."""
+        return self.shared_input(self.b_in if self.transcoder else self.b_dec)
+
+    def output_offset(self, x: torch.Tensor) -> torch.Tensor:
+        """What the decoder adds besides the latents' sum: b_dec, plus the skip path W_skip x of the
+        input (skip transcoders). x: a table or the inputs; -> [n_sources, d_in] or [batch, ...]."""
+        if not self.cfg.skip:
+            return self.b_dec
+        return self.b_dec + torch.einsum("bsi,soi->bso", self.inputs_of(x), self.W_skip)
 
     # -- the maths ---------------------------------------------------------------------------
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, n_sources, d_in] -> [batch, d_sae]."""
-        centred = (x - self.shared_input(self.b_dec)).flatten(1)
+        """x: [batch, n_sources, d_in] inputs, or a transcoder's whole table -> [batch, d_sae]."""
+        centred = (self.inputs_of(x) - self.input_centre()).flatten(1)
         return torch.addmm(self.b_enc, centred, self.W_enc.flatten(1).t())
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def as_sources(self, x: torch.Tensor) -> torch.Tensor:
-        """x as [batch, n_sources, d_in]: that shape as is, [batch, d_in] for a one-source SAE; any
-        other shape is refused (no silent broadcasting)."""
-        if x.dim() == 3 and tuple(x.shape[1:]) == (self.n_sources, self.d_in):
+    def as_sources(self, x: torch.Tensor, columns: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x as [batch, columns, d_in]: that shape as is, [batch, d_in] for one column; any other shape
+        is refused (no silent broadcasting). columns: the widths accepted (default: a table row's)."""
+        columns = tuple(dict.fromkeys(columns or (self.n_columns,)))  # (a plain SAE's two widths are one)
+        if x.dim() == 3 and x.shape[1] in columns and x.shape[2] == self.d_in:
             return x
-        if x.dim() == 2 and self.n_sources == 1 and x.shape[1] == self.d_in:
+        if x.dim() == 2 and columns[0] == 1 and x.shape[1] == self.d_in:
             return x[:, None]
-        accepted = f"[batch, {self.n_sources}, {self.d_in}]"
-        accepted += f" or [batch, {self.d_in}]" if self.n_sources == 1 else ""
-        raise ValueError(f"input of shape {tuple(x.shape)}: this SAE takes {accepted}")
+        accepted = " or ".join(f"[batch, {c}, {self.d_in}]" for c in columns)
+        accepted += f" or [batch, {self.d_in}]" if columns[0] == 1 else ""
+        what = "transcoder (inputs, or inputs then targets)" if self.transcoder else "SAE"
+        raise ValueError(f"input of shape {tuple(x.shape)}: this {what} takes {accepted}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, n_sources, d_in] (or [batch, d_in], one source) -> dense codes [batch, d_sae]."""
-        return self.activation(self.pre_activations(self.as_sources(x)))
+        """x: [batch, n_sources, d_in] (or [batch, d_in], one source; a transcoder also takes its
+        whole table) -> dense codes [batch, d_sae]."""
+        return self.activation(self.pre_activations(self.as_sources(x, (self.n_sources, self.n_columns))))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents: [batch, d_sae] -> [batch, n_sources, d_in]."""
-        return self.sum_over_latents(latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in) + self.b_dec
+    def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """latents: [batch, d_sae] -> [batch, n_sources, d_in]. A skip transcoder adds its skip path
+        when given the input x (a table or the inputs); without it, only the latents' part + b_dec."""
+        decoded = self.sum_over_latents(latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in)
+        return decoded + (self.b_dec if x is None else self.output_offset(x))
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae, n_sources]: ||W_dec[i, s]||."""
@@ -216,11 +271,12 @@ class SparseCoder(nn.Module):
         return out._replace(x_hat=out.x_hat[:, 0]) if x.dim() == 2 else out
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
-        """The forward on x: [batch, n_sources, d_in] (architectures override this, not forward)."""
+        """The forward on a table x: [batch, n_columns, d_in] (architectures override this, not forward);
+        out.x_hat reconstructs targets_of(x)."""
         pre = self.pre_activations(x)
         latents = self.activation(pre)
-        x_hat = self.decode(latents)
-        mse = squared_error(x_hat, x)
+        x_hat = self.decode(latents, x)
+        mse = squared_error(x_hat, self.targets_of(x))
         return SAEOutput(x_hat, latents, mse, self.sparsity_of(latents), x.new_zeros(()))
 
     def sparsity_of(self, latents: torch.Tensor) -> torch.Tensor:
@@ -254,8 +310,10 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, mean: torch.Tensor) -> None:
-        """mean: [n_sources, d_in], the data mean."""
-        self.b_dec.copy_(mean)
+        """mean: [n_columns, d_in], the data mean (a transcoder's b_in takes the inputs' part)."""
+        self.b_dec.copy_(self.targets_of(mean[None])[0])
+        if self.transcoder:
+            self.b_in.copy_(self.inputs_of(mean[None])[0])
 
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
@@ -269,10 +327,16 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def fold_input_scale(self, scale: torch.Tensor) -> None:
-        """Absorb a per-source input scale c_s (the model saw c_s * x_s) so it takes raw x_s."""
-        self.W_enc.mul_(scale[None, :, None])
-        self.W_dec.div_(scale[None, :, None])
-        self.b_dec.div_(scale[:, None])
+        """Absorb a per-column input scale c (the model saw c_s * x_s, [n_columns]) so it takes raw x_s;
+        a transcoder's input columns scale the encoder, its target columns the decoder."""
+        c_in, c_out = self.inputs_of(scale[None, :, None])[0, :, 0], self.targets_of(scale[None, :, None])[0, :, 0]
+        self.W_enc.mul_(c_in[None, :, None])
+        self.W_dec.div_(c_out[None, :, None])
+        self.b_dec.div_(c_out[:, None])
+        if self.transcoder:
+            self.b_in.div_(c_in[:, None])
+        if self.cfg.skip:
+            self.W_skip.mul_((c_in / c_out)[:, None, None])  # per-source scalars: ŷ/c_out = W_skip (c_in x)/c_out
 
 
 class UnitNormDecoder:

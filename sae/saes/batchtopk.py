@@ -172,14 +172,15 @@ class BatchTopKSAE(TopKSAE):
 
     def kept_entries(self, x: torch.Tensor, aux_columns: torch.Tensor | None) -> tuple[KeptEntries, torch.Tensor]:
         """A training batch's selection by the sparse kernels: (kept entries, pre-activations of the aux
-        columns). x: [batch, n_sources, d_in], no gradient."""
+        columns). x: a table [batch, n_columns, d_in], no gradient."""
         if aux_columns is None:
             aux_columns = torch.zeros(0, dtype=torch.long, device=x.device)
-        b_dec = self.shared_input(self.b_dec).flatten()
+        centre = self.input_centre().flatten()
         extra: list = []
         W_enc = self.W_enc.flatten(1).t()
         values, latents, offsets, pre_aux = _BatchTopKEncode.apply(
-            x.flatten(1).detach(), b_dec, W_enc, self.b_enc, self.select_positions, aux_columns, extra)
+            self.inputs_of(x).flatten(1).detach(), centre, W_enc, self.b_enc, self.select_positions, aux_columns,
+            extra)
         rows, cut, layout = extra
         return KeptEntries(values, latents, rows, offsets, cut, layout), pre_aux
 
@@ -188,8 +189,8 @@ class BatchTopKSAE(TopKSAE):
             return self.sparse_forward(x, dead_latents)
         pre = self.pre_activations(x)
         latents = self.encode_for_loss(pre)
-        x_hat = self.decode(latents)
-        mse = squared_error(x_hat, x)
+        x_hat = self.decode(latents, x)
+        mse = squared_error(x_hat, self.targets_of(x))
         sparsity = self.batch_sparsity(latents)
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
         pre_aux = pre[:, aux_columns] if aux_columns is not None else None
@@ -203,8 +204,8 @@ class BatchTopKSAE(TopKSAE):
         self.update_threshold(kept.cut)
         W_dec = self.W_dec.flatten(1)
         x_hat = self.sum_over_latents(sparse_decode(kept.values, kept.latents, W_dec, kept.layout, kept.offsets))
-        x_hat = x_hat.view_as(x) + self.b_dec
-        mse = squared_error(x_hat, x)
+        x_hat = x_hat.view(len(x), self.n_sources, self.d_in) + self.output_offset(x)
+        mse = squared_error(x_hat, self.targets_of(x))
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
         return SAEOutput(x_hat, kept.values, mse, self.entries_sparsity(kept, len(x)), aux, kept.latents, kept.rows)
 

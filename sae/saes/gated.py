@@ -49,18 +49,19 @@ class GatedSAE(SparseCoder):
         return pi_gate, pi_mag
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pi_gate, pi_mag = self.gate_and_magnitude(self.as_sources(x))
+        pi_gate, pi_mag = self.gate_and_magnitude(self.as_sources(x, (self.n_sources, self.n_columns)))
         return (pi_gate > 0) * torch.relu(pi_mag)
 
     def forward_sources(self, x: torch.Tensor, dead_latents: torch.Tensor | None = None) -> SAEOutput:
         pi_gate, pi_mag = self.gate_and_magnitude(x)
         latents = (pi_gate > 0) * torch.relu(pi_mag)
-        x_hat = self.decode(latents)
+        x_hat = self.decode(latents, x)
         gate_activity = torch.relu(pi_gate)
         frozen = self.sum_over_latents(gate_activity @ self.W_dec.detach().flatten(1))
-        x_frozen = frozen.view(-1, self.n_sources, self.d_in) + self.b_dec.detach()
-        return SAEOutput(x_hat, latents, squared_error(x_hat, x), self.sparsity_of(gate_activity),
-                         squared_error(x_frozen, x))
+        x_frozen = frozen.view(-1, self.n_sources, self.d_in) + self.output_offset(x).detach()
+        target = self.targets_of(x)
+        return SAEOutput(x_hat, latents, squared_error(x_hat, target), self.sparsity_of(gate_activity),
+                         squared_error(x_frozen, target))
 
     @torch.no_grad()
     def restart_latents(self, latents: torch.Tensor) -> None:

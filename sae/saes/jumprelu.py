@@ -104,7 +104,7 @@ class JumpReLUSAE(UnitNormDecoder, SparseCoder):
         if self.cfg.init_l0 is None:
             return
         fires_on = max(1, round(len(sample) * self.cfg.init_l0 / self.d_sae))  # rows per latent
-        centred = (sample - self.b_dec).flatten(1)
+        centred = (self.inputs_of(sample) - self.input_centre()).flatten(1)
         for start in range(0, self.d_sae, CALIBRATION_LATENTS):
             stop = min(self.d_sae, start + CALIBRATION_LATENTS)
             pre = torch.addmm(self.b_enc[start:stop], centred, self.W_enc[start:stop].flatten(1).t())
@@ -122,8 +122,8 @@ class JumpReLUSAE(UnitNormDecoder, SparseCoder):
         pre = self.pre_activations(x)
         threshold = self.threshold()
         latents = _JumpReLU.apply(pre, threshold, self.cfg.bandwidth)
-        x_hat = self.decode(latents)
-        mse = squared_error(x_hat, x)
+        x_hat = self.decode(latents, x)
+        mse = squared_error(x_hat, self.targets_of(x))
         l0 = self.sum_over_latents(_Step.apply(pre, threshold, self.cfg.bandwidth).sum(dim=1).mean())
         return SAEOutput(x_hat, latents, mse, l0, x.new_zeros(()))
 

@@ -84,9 +84,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     def nested_reconstructions(self, x: torch.Tensor, decode_block) -> tuple[torch.Tensor, torch.Tensor]:
         """(the full dictionary's reconstruction, the mean over prefixes of each one's squared error);
         decode_block(start, end) -> [batch, n_sources * d_in], latents [start, end)'s part."""
-        x_hat, squared_errors, start = self.b_dec.expand_as(x), [], 0
+        target = self.targets_of(x)
+        x_hat, squared_errors, start = self.output_offset(x).expand_as(target), [], 0
         for end in prefix_sizes(self.cfg.prefix_fractions, self.d_sae):
-            x_hat = x_hat + decode_block(start, end).view_as(x)
-            squared_errors.append(squared_error(x_hat, x))
+            x_hat = x_hat + decode_block(start, end).view_as(target)
+            squared_errors.append(squared_error(x_hat, target))
             start = end
         return x_hat, torch.stack(squared_errors).mean()

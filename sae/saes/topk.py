@@ -44,15 +44,15 @@ class TopKSAE(UnitNormDecoder, SparseCoder):
             return super().forward_sources(x, dead_latents)
         batch = x.shape[0]
         aux_columns = dead_latents if self.cfg.aux_coef > 0 else None
-        b_dec = self.shared_input(self.b_dec)
-        values, indices, pre_aux, layout = topk_encode(x.flatten(1), b_dec.flatten(), self.W_enc.flatten(1).t(),
-                                                       self.b_enc, min(self.cfg.k, self.d_sae), aux_columns)
+        values, indices, pre_aux, layout = topk_encode(self.inputs_of(x).flatten(1), self.input_centre().flatten(),
+                                                       self.W_enc.flatten(1).t(), self.b_enc,
+                                                       min(self.cfg.k, self.d_sae), aux_columns)
         if self.latent_shards.size > 1:  # this process's top k, of which those in the global top k
             values = values * reaches_global_topk(values, self.cfg.k, self.latent_shards)
         W_dec = self.W_dec.flatten(1)
         x_hat = self.sum_over_latents(sparse_decode(values, indices, W_dec, layout))
-        x_hat = x_hat.view(batch, self.n_sources, self.d_in) + self.b_dec
-        mse = squared_error(x_hat, x)
+        x_hat = x_hat.view(batch, self.n_sources, self.d_in) + self.output_offset(x)
+        mse = squared_error(x_hat, self.targets_of(x))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.sparsity_coef > 0):
             sparsity = self.sum_over_latents((values * self.decoder_norms().sum(dim=1)[indices]).sum(dim=1).mean())
         aux = self.auxk_loss(x, x_hat, pre_aux, aux_columns, W_dec)
@@ -72,7 +72,7 @@ class TopKSAE(UnitNormDecoder, SparseCoder):
         values, local = row_topk(pre_aux, k_aux)
         if sharded:
             values = values * reaches_global_topk(values, self.cfg.k_aux, self.latent_shards, width=self.cfg.k_aux)
-        e = (x - x_hat).detach()
+        e = (self.targets_of(x) - x_hat).detach()
         if k_aux:
             partial = sparse_decode(values.relu(), dead_latents[local], W_dec)
         else:  # a shard without dead latents while others have some

@@ -41,17 +41,19 @@ def resample_dead_latents(sae: SparseCoder, optimizer: torch.optim.Optimizer, de
     if n_dead == 0:
         return 0
     # one direction per dead latent of the whole dictionary, in latent order; this shard takes its own
-    directions = _sampled_directions(sae, x, n_dead, seed, step)  # [n_dead, n_sources x d_in], unit rows
+    # [n_dead, n_sources x d_in] unit rows: encoder directions from the input, decoder ones from the target
+    encoder_directions, decoder_directions = _sampled_directions(sae, x, n_dead, seed, step)
     start = shards.rank * sae.d_sae
     dead_ids = torch.nonzero(whole_dead).flatten()
     on_this_shard = (dead_ids >= start) & (dead_ids < start + sae.d_sae)
     local = dead_ids[on_this_shard] - start
-    directions = directions[on_this_shard]
+    encoder_directions, decoder_directions = encoder_directions[on_this_shard], decoder_directions[on_this_shard]
     alive = ~local_dead
     enc_norm = _mean_alive_norm(sae.W_enc.flatten(1), alive, shards)
     dec_norm = _mean_alive_norm(sae.W_dec.flatten(1), alive, shards)
-    sae.W_enc[local] = (encoder_scale * enc_norm * directions).view(-1, sae.n_sources, sae.d_in).to(sae.W_enc.dtype)
-    sae.W_dec[local] = (dec_norm * directions).view(-1, sae.n_sources, sae.d_in).to(sae.W_dec.dtype)
+    sae.W_enc[local] = (encoder_scale * enc_norm * encoder_directions).view(-1, sae.n_sources, sae.d_in).to(
+        sae.W_enc.dtype)
+    sae.W_dec[local] = (dec_norm * decoder_directions).view(-1, sae.n_sources, sae.d_in).to(sae.W_dec.dtype)
     sae.b_enc[local] = 0
     sae.restart_latents(local)  # the architecture's own per-latent parameters (JumpReLU: θ)
     _zero_optimizer_rows(sae, optimizer, local)
@@ -59,13 +61,15 @@ def resample_dead_latents(sae: SparseCoder, optimizer: torch.optim.Optimizer, de
     return n_dead
 
 
-def _sampled_directions(sae: SparseCoder, x: torch.Tensor, n: int, seed: int, step: int) -> torch.Tensor:
-    """n unit rows of the global batch's x - b_dec, drawn with probability ∝ (squared reconstruction
-    error)^2; x: this process's rows. The same on every process."""
+def _sampled_directions(sae: SparseCoder, x: torch.Tensor, n: int, seed: int,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder, decoder) directions: n unit rows each of the global batch's x - b_dec (an SAE: both the
+    same; a transcoder: its input - b_in, and its target - b_dec), rows drawn with probability ∝
+    (squared reconstruction error)^2; x: this process's table rows. The same on every process."""
     was_training = sae.training
     sae.eval()  # the inference forward: no training statistics move (BatchTopK's threshold)
     try:
-        error = (x - sae(x).x_hat).flatten(1).pow(2).sum(dim=1).double()  # the run's own (parallel) forward
+        error = (sae.targets_of(x) - sae(x).x_hat).flatten(1).pow(2).sum(dim=1).double()  # the run's own forward
     finally:
         sae.train(was_training)
     if sae.rows.size > 1:  # every process: the errors and rows of the whole batch
@@ -75,8 +79,14 @@ def _sampled_directions(sae: SparseCoder, x: torch.Tensor, n: int, seed: int, st
         weights = torch.ones_like(weights)  # a perfect (or broken) fit: draw uniformly
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     picked = torch.multinomial(weights.cpu(), n, replacement=n > len(x), generator=generator).to(x.device)
-    centred = (x[picked] - sae.b_dec).flatten(1).to(sae.W_dec.dtype)
-    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = x[picked]
+
+    def unit(centred: torch.Tensor) -> torch.Tensor:
+        centred = centred.flatten(1).to(sae.W_dec.dtype)
+        return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    decoder = unit(sae.targets_of(rows) - sae.b_dec)
+    return (unit(sae.inputs_of(rows) - sae.b_in) if sae.transcoder else decoder), decoder
 
 
 def _mean_alive_norm(weights: torch.Tensor, alive: torch.Tensor, shards) -> torch.Tensor:

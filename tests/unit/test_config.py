@@ -66,11 +66,20 @@ def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
     return rows
 
 
+# transcoder presets need the MLP hooks only the transformer host has (ESM-2 refuses them, tested below)
+TRANSCODER_PRESETS = {option for option in OPTIONS["sae"] if "transcoder" in option}
+
+
 def family_rows() -> list[tuple[str, ...]]:
     rows = []
-    for tasks, hosts in FAMILIES.values():
-        rows += all_pairs([sorted(tasks), sorted(hosts)] + [OPTIONS[g] for g in GROUPS[2:]])
+    for family, (tasks, hosts) in FAMILIES.items():
+        saes = [o for o in OPTIONS["sae"] if family == "modular" or o not in TRANSCODER_PRESETS]
+        rows += all_pairs([sorted(tasks), sorted(hosts), saes] + [OPTIONS[g] for g in GROUPS[3:]])
     return rows
+
+
+def test_the_transcoder_presets_are_those_named_so():
+    assert TRANSCODER_PRESETS and {o for o in OPTIONS["sae"] if build([f"sae={o}"]).sae.transcoder} == TRANSCODER_PRESETS
 
 
 @pytest.mark.parametrize("choice", family_rows(), ids="-".join)
@@ -79,7 +88,8 @@ def test_every_option_composes_with_every_other(choice):
     cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)] + extra)
     assert cfg.host_model.name == choice[1]
     assert isinstance(cfg, TrainConfig)
-    assert cfg.task.name == choice[0] and choice[2].startswith(cfg.sae.type)
+    assert cfg.task.name == choice[0]
+    assert choice[2].startswith(cfg.sae.type) or (choice[2] in TRANSCODER_PRESETS and cfg.sae.transcoder)
     assert cfg.scheduler.name.value == choice[3] and cfg.hardware.device.value == DEVICE_OF[choice[4]]
     assert cfg.tracking.mode.value == choice[5]
 

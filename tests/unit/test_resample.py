@@ -129,3 +129,28 @@ def test_resampling_is_due_every_so_many_steps_up_to_a_fraction_of_the_run(step,
 @pytest.mark.parametrize("step, due", [(80, True), (90, True), (95, False), (100, False)])
 def test_the_last_interval_of_a_run_has_no_resampling(step, due):
     assert resample_due(step, every=10, until=1.0, num_steps=100) is due
+
+
+def test_a_transcoder_restarts_its_encoder_from_the_input_and_its_decoder_from_the_target():
+    """Each restarted latent's encoder row is a drawn row's input - b_in and its decoder row the same
+    row's target - b_dec (each normalised): a transcoder reads one hook and writes another."""
+    cfg = TopKSAEConfig(sparse_dim=D_SAE, k=1, k_aux=4, input_hookpoint="resid_mid", target_hookpoint="mlp_out")
+    torch.manual_seed(0)
+    sae = build_sae(cfg, 1, D_IN)
+    with torch.no_grad():
+        sae.b_in.normal_()
+        sae.b_dec.normal_()
+    table = torch.randn(12, 2, D_IN, generator=torch.Generator().manual_seed(2))
+    dead = [2, 7, 11]
+    optimizer = make_optimizer(sae.parameters(), lr=1e-3)
+    assert resample_dead_latents(sae, optimizer, dead_counter(dead), table, seed=0, step=10, encoder_scale=0.2) == 3
+
+    def unit(rows: torch.Tensor) -> torch.Tensor:
+        return rows / rows.norm(dim=1, keepdim=True)
+
+    inputs, targets = unit(table[:, 0] - sae.b_in[0]), unit(table[:, 1] - sae.b_dec[0])
+    for latent in dead:
+        encoder, decoder = unit(sae.W_enc[latent].detach()), unit(sae.W_dec[latent].detach())
+        row = int((inputs @ encoder[0]).argmax())
+        torch.testing.assert_close(encoder[0], inputs[row], atol=1e-5, rtol=0)
+        torch.testing.assert_close(decoder[0], targets[row], atol=1e-5, rtol=0)
