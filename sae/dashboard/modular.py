@@ -114,7 +114,8 @@ class LogitEffects:
         self.scale = stats.mean_when_firing()
         tokens = data.dataset.tokens
         self.tokens = tokens[sample_pairs(len(tokens), EFFECT_PAIRS).to(tokens.device)]
-        hooks = sorted({source.hook for source in data.sources})
+        self.written_at = data.targets or data.sources  # where each source's decoder writes (a transcoder: its target)
+        hooks = sorted({source.hook for source in self.written_at})
         self.note = (f"mean change of the centred answer logits when the latent's mean activation times its decoder "
                      f"direction is added at {', '.join(hooks)} (answer position), over "
                      f"{len(self.tokens)} pairs")
@@ -125,7 +126,7 @@ class LogitEffects:
         if not alive:
             return out
         per_source = []
-        for index, source in enumerate(self.data.sources):
+        for index, source in enumerate(self.written_at):
             directions = self.sae.W_dec.detach()[alive, index] * self.scale[alive, None].to(self.sae.W_dec)
             per_source.append(decoder_logit_effects(source.model, source.hook, self.tokens, directions,
                                                     self.data.dataset.p).cpu())

@@ -62,7 +62,9 @@ def runs(tmp_path_factory, host_cache):
     cache = f"host_model.cache_dir={host_cache}"
     return {"topk": train_or_reuse([*TINY, cache], root / "topk"),
             "crosscoder": train_or_reuse([*TINY, cache, "host_model.checkpoints=[step_20,final]"], root / "cc"),
-            "mixed": train_or_reuse([*TINY, cache, "task=mixed"], root / "mixed")}
+            "mixed": train_or_reuse([*TINY, cache, "task=mixed"], root / "mixed"),
+            "transcoder": train_or_reuse([*TINY, cache, "sae=transcoder", "sae.sparse_dim=48", "sae.k=4"],
+                                         root / "transcoder")}
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +124,13 @@ def test_top_pairs_are_a_brute_force_sort_and_the_heatmap_is_the_activation(runs
     assert checked >= 5
 
 
-def test_the_logit_effect_is_the_decoder_direction_through_the_unembedding(runs, sites):
-    """Default host: one layer, hook = the final residual stream, no final norm: the effect of adding
+@pytest.mark.parametrize("kind", ["topk", "transcoder"])
+def test_the_logit_effect_is_the_decoder_direction_through_the_unembedding(runs, sites, kind):
+    """Default host: one layer, no final norm; the SAE's hook is the final residual stream and the
+    transcoder's decoder writes to the MLP output (which goes straight to it): the effect of adding
     m d is exactly m d @ W_U over the numbers, centred."""
-    run = load_sae_run(runs["topk"])
-    index, panels = site_data(sites["topk"])
+    run = load_sae_run(runs[kind])
+    index, panels = site_data(sites[kind])
     model = run.data.sources[0].model
     W_U = model.unembed.weight.detach()[:23]
     checked = 0
