@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     tracker.log(final, step)
     tracker.summarize({f"final/{key}": value for key, value in final.items()})  # beside each metric's best
     tracker.finish()
-    log.info(headline(final, data.source_names, data.row_unit))
+    log.info(headline(final, data.source_names, data.row_unit, [t.hook for t in getattr(data, "targets", [])]))
     log.info("Run dir: %s", run_dir)
     group.barrier()
     return summary

@@ -39,6 +39,7 @@ from sae.saes import build_sae
 from sae.activations.batches import calibration_sample
 from sae.saes.base import SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAEConfig
+from sae.saes.gated import GatedSAEConfig
 from sae.saes.jumprelu import JumpReLUSAEConfig
 from sae.saes.matryoshka import MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAEConfig
@@ -57,6 +58,11 @@ SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
 DEFAULT_SIZES = ((128, 2048, 16), (512, 16384, 32))
 IMPLEMENTATIONS = ("topk", "batchtopk", "matryoshka", "jumprelu", "dense_topk", "vanilla")
+# more architectures, run when named in --impls: TopK transcoders (no skip / skip) and the gated SAE.
+# A transcoder's target is a fixed random ReLU MLP of the input (synthetic_target); its quality is
+# the FVU of that target (the true features live in the input space: no recovery score)
+ARCHITECTURES = ("transcoder", "skip_transcoder", "gated")
+TRANSCODERS = ("transcoder", "skip_transcoder")
 # λ on L0 for this data (sae=jumprelu's default); not tuned to reach TopK's L0
 JUMPRELU_COEF = 0.1
 
@@ -189,6 +195,12 @@ def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
         cfg = BatchTopKSAEConfig(**topk_keys)
     elif case.impl == "matryoshka":
         cfg = MatryoshkaSAEConfig(**topk_keys)
+    elif case.impl in TRANSCODERS:
+        cfg = TopKSAEConfig(**topk_keys, input_hookpoint="input", target_hookpoint="mlp_out",
+                            skip=case.impl == "skip_transcoder")
+    elif case.impl == "gated":
+        cfg = GatedSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.vanilla_coef,
+                             sparsity_warmup_steps=n_steps // 10)
     elif case.impl == "jumprelu":
         cfg = JumpReLUSAEConfig(sparse_dim=case.d_sae, sparsity_coef=case.jumprelu_coef,
                                 sparsity_warmup_steps=n_steps // 10, bandwidth=case.bandwidth, init_l0=case.init_l0)
@@ -202,8 +214,38 @@ def decoder_rows(sae: nn.Module) -> torch.Tensor:
     return sae.decoder_rows() if hasattr(sae, "decoder_rows") else sae.W_dec[:, 0]
 
 
+def synthetic_target(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A transcoder's target: a fixed random ReLU MLP (hidden 4 d_in, He-scaled, from the seed) of the
+    tokens, scaled so E||y||^2 = d_in as the inputs are. -> [n, d_in]."""
+    d_in = x.shape[1]
+    generator = torch.Generator().manual_seed(seed + 1_000_003)
+    W_in = torch.randn(d_in, 4 * d_in, generator=generator) * (2 / d_in) ** 0.5
+    b_in = 0.1 * torch.randn(4 * d_in, generator=generator)
+    W_out = torch.randn(4 * d_in, d_in, generator=generator) / (4 * d_in) ** 0.5
+    y = torch.cat([torch.relu(chunk @ W_in.to(x) + b_in.to(x)) @ W_out.to(x) for chunk in x.split(1 << 16)])
+    return y * (d_in / y.pow(2).sum(dim=1).mean()).sqrt()
+
+
+@torch.no_grad()
+def transcoder_quality(sae: SparseCoder, table: torch.Tensor) -> dict[str, float]:
+    """FVU of the target predicted from the input, L0, dead fraction; table: [n, input + target, d_in]."""
+    sae.eval()
+    error, l0, fired = 0.0, [], torch.zeros(sae.d_sae, dtype=torch.bool, device=table.device)
+    for chunk in table.split(4096):
+        latents = sae.encode(chunk[:, :1])
+        error += (sae.predict(chunk[:, :1]) - chunk[:, 1:]).pow(2).sum().item()
+        l0.append((latents != 0).sum(dim=1).float())
+        fired |= (latents > 0).any(dim=0)
+    target = table[:, 1]
+    nan = float("nan")
+    return {"fvu": error / (target - target.mean(dim=0)).pow(2).sum().item(), "l0": torch.cat(l0).mean().item(),
+            "dead_frac": 1 - fired.float().mean().item(), "mean_max_cos": nan, "recovered": nan}
+
+
 @torch.no_grad()
 def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
+    if getattr(sae, "transcoder", False):
+        return transcoder_quality(sae, x_eval)
     sae.eval()  # inference mode (BatchTopK: its threshold, not a batch ranking)
     x_hat, l0, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool, device=x_eval.device)
     for chunk in x_eval.split(4096):
@@ -234,28 +276,32 @@ def run_case(case: Case) -> dict:
     n_train = case.tokens // case.batch * case.batch
     x, features, hierarchy = synthetic_data(case, n_train + EVAL_TOKENS)
     x = x.to(device)
-    train, x_eval = x[:n_train], x[n_train:]
+    rows = torch.stack([x, synthetic_target(x, case.seed)], dim=1) if case.impl in TRANSCODERS else x[:, None]
+    train, x_eval = rows[:n_train], rows[n_train:]  # [n, columns, d_in]
     torch.manual_seed(case.seed)
     n_steps = n_train // case.batch
     sae = build(case, case.k_aux or default_k_aux(case.d_in), n_steps).to(device)
     if case.b_dec_init == "mean":
         with torch.no_grad():
-            sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
-    sample = calibration_sample(train[:, None])
+            if isinstance(sae, SparseCoder):
+                sae.init_b_dec(train[:65536].mean(dim=0))
+            else:
+                sae.b_dec.copy_(train[:65536].mean(dim=0).view_as(sae.b_dec))
+    sample = calibration_sample(train)
     if isinstance(sae, SparseCoder):  # ours: the job's data-dependent initialisation (JumpReLU's θ)
         sae.init_from_data(sample)
 
     def evaluate() -> dict:
         if isinstance(sae, SparseCoder):  # as the trainer does before it evaluates (BatchTopK's θ)
             sae.calibrate_for_inference(sample)
-        scores = best_quality(sae, x_eval, features)
+        scores = best_quality(sae, x_eval if case.impl in TRANSCODERS else x_eval[:, 0], features)
         if hierarchy is not None:
             sae.eval()
             scores |= absorption(sae, hierarchy, slice(n_train, None), decoder_rows(sae))
             sae.train()
         return scores
 
-    timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch, None], n_steps,
+    timing = train_sae(sae, case, lambda step: train[step * case.batch:(step + 1) * case.batch], n_steps,
                        evaluate=evaluate)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -313,7 +359,7 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
                 group["lr"] = lr_at(step, case.lr, n_steps, schedule)
         batch = batch_at(step)
         coef = (sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps)
-                if case.impl in ("vanilla", "jumprelu") else 0.0)
+                if case.impl in ("vanilla", "jumprelu", "gated") else 0.0)
         out, _ = optimisation_step(sae, sae, optimizer, batch, dead.dead, coef, grad_clip, hardware)
         dead.update(out, len(batch), step + 1)
         if resample_due(step + 1, case.resample_every or None, case.resample_until, n_steps):
@@ -501,7 +547,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="SAE training speed and quality, ours vs a dense TopK reference")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES), help="d_in,d_sae,k ...")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
-                        help=f"some of {', '.join(IMPLEMENTATIONS + EXTERNAL)} "
+                        help=f"some of {', '.join(IMPLEMENTATIONS + ARCHITECTURES + EXTERNAL)} "
                              "(the last two need pip install -e '.[compare]')")
     parser.add_argument("--tokens", type=float, default=2**19, help="training tokens per run (one pass)")
     parser.add_argument("--batch", type=int, default=4096)
@@ -528,9 +574,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.curve_every < 0:
         parser.error(f"--curve-every must be >= 0, got {args.curve_every}")
     impls = args.impls.split(",")
-    unknown = set(impls) - set(IMPLEMENTATIONS) - set(EXTERNAL)
+    unknown = set(impls) - set(IMPLEMENTATIONS) - set(ARCHITECTURES) - set(EXTERNAL)
     if unknown:
-        parser.error(f"--impls: unknown {sorted(unknown)}, expected some of {list(IMPLEMENTATIONS + EXTERNAL)}")
+        parser.error(f"--impls: unknown {sorted(unknown)}, "
+                     f"expected some of {list(IMPLEMENTATIONS + ARCHITECTURES + EXTERNAL)}")
     missing = [impl for impl in impls if impl in EXTERNAL and not external_available(impl)]
     if missing:
         parser.error(f"--impls {','.join(missing)} needs the comparison libraries: pip install -e '.[compare]'")

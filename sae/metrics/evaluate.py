@@ -67,9 +67,12 @@ def evaluate(sae: SparseCoder, data: Activations, downstream: bool = True) -> di
     return metrics
 
 
-def headline(metrics: dict[str, float], source_names: list[str], row_unit: str = "pairs") -> str:
-    """A few lines a person reads at the end of a run."""
+def headline(metrics: dict[str, float], source_names: list[str], row_unit: str = "pairs",
+             replaced: list[str] | None = None) -> str:
+    """A few lines a person reads at the end of a run. replaced: per source, the host hook a transcoder's
+    prediction replaces (e.g. blocks.0.mlp_out), named in the spliced lines."""
     lines = []
+    where = dict(zip(source_names, replaced or []))
     for split in ("train", "test"):
         p = f"eval/{split}"
         lines.append(f"{split:5s} {row_unit}: FVU {metrics[f'{p}/fvu']:.4f}  L0 {metrics[f'{p}/l0']:.1f}  "
@@ -81,7 +84,8 @@ def headline(metrics: dict[str, float], source_names: list[str], row_unit: str =
                              f"{metrics[f'{q}/ce_spliced']:.3f} (zero-ablated {metrics[f'{q}/ce_zero']:.3f}); "
                              f"loss recovered {metrics[f'{q}/loss_recovered']:.3f}")
             if f"{q}/acc_spliced" in metrics:
-                lines.append(f"  {name}: answer acc clean {metrics[f'{q}/acc_clean']:.3f} -> spliced "
+                spliced = f"{where[name]} replaced" if name in where else "spliced"
+                lines.append(f"  {name}: answer acc clean {metrics[f'{q}/acc_clean']:.3f} -> {spliced} "
                              f"{metrics[f'{q}/acc_spliced']:.3f} (zero-ablated {metrics[f'{q}/acc_zero']:.3f}); "
                              f"CE {metrics[f'{q}/ce_clean']:.3f} -> {metrics[f'{q}/ce_spliced']:.3f}; "
                              f"loss recovered {metrics[f'{q}/loss_recovered']:.3f}")

@@ -257,6 +257,13 @@ class SparseCoder(nn.Module):
         decoded = self.sum_over_latents(latents @ self.W_dec.flatten(1)).view(-1, self.n_sources, self.d_in)
         return decoded + (self.b_dec if x is None else self.output_offset(x))
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """From inputs alone ([batch, n_sources, d_in], or [batch, d_in] for one source): an SAE's
+        reconstruction, a transcoder's prediction of its target (skip path included)."""
+        inputs = self.as_sources(x, (self.n_sources,))
+        out = self.decode(self.encode(inputs), inputs)
+        return out[:, 0] if x.dim() == 2 else out
+
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae, n_sources]: ||W_dec[i, s]||."""
         return self.W_dec.norm(dim=-1)

@@ -45,10 +45,17 @@ def run_record(checkpoint: Path) -> dict:
     return {"info": info, "config": config, "final": final if final.get("step") == info.get("step") else {}}
 
 
+def hook_of(info: dict, key: str = "sources") -> str:
+    """The host hook a checkpoint's first source (or a transcoder's target: key="targets") reads."""
+    entries = info.get(key) or [{}]
+    return entries[0].get("hook", "?") if isinstance(entries[0], dict) else str(entries[0])
+
+
 def metadata(sae: SparseCoder, run: dict) -> dict:
     """SAELens metadata: where the activations come from, and our training record."""
     config, info = run["config"], run["info"]
-    return {"hook_name": info.get("sources", ["?"])[0], "model_name": host_name(config),
+    hooks = {"hook_name": hook_of(info)} | ({"hook_name_out": hook_of(info, "targets")} if sae.transcoder else {})
+    return {**hooks, "model_name": host_name(config),
             "trained_with": "train-sae", "training_steps": info.get("step"),
             "training_tokens": info.get("step", 0) * config.get("batch_size", 0)}
 
@@ -58,15 +65,21 @@ def host_name(config: dict) -> str:
     return host.get("pretrained") or host.get("name") or host.get("arch") or "grokking transformer"
 
 
+def kind_of(sae: SparseCoder) -> str:
+    return ("skip transcoder" if sae.cfg.skip else "transcoder") if sae.transcoder else "SAE"
+
+
 def model_card(sae: SparseCoder, fmt: str, architecture: str, run: dict) -> str:
     config, info, final = run["config"], run["info"], run["final"]
     library = "saelens" if fmt == "saelens" else "sparsify"
     lines = ["---", f"library_name: {library}", "tags:", "- sparse-autoencoder", "- interpretability", "- train-sae",
-             "---", "", f"# {sae.cfg.type} SAE on {info.get('sources', ['?'])[0]}", "",
+             "---", "", f"# {sae.cfg.type} {kind_of(sae)} on {hook_of(info)}"
+             + (f" -> {hook_of(info, 'targets')}" if sae.transcoder else ""), "",
              f"Trained with train-sae, exported for {library} (architecture `{architecture}`"
              + (f", inference threshold of the {sae.cfg.type} training rule" if architecture == "jumprelu"
                 and sae.cfg.type != "jumprelu" else "") + ").", "",
-             f"- input: `{info.get('sources', ['?'])[0]}` of {host_name(config)} (task: {config.get('task', {})})",
+             f"- input: `{hook_of(info)}` of {host_name(config)} (task: {config.get('task', {})})"
+             + (f"; predicts `{hook_of(info, 'targets')}`" if sae.transcoder else ""),
              f"- d_in {sae.d_in}, d_sae {sae.d_sae}" + (f", k {sae.cfg.k}" if hasattr(sae.cfg, "k") else ""),
              f"- {info.get('step')} steps x batch {config.get('batch_size')}, lr {config.get('lr')}, seed "
              f"{config.get('seed')}; takes raw activations (the training normalisation is folded into the weights)",

@@ -1,8 +1,8 @@
 """Two gloo processes train what one process trains: data parallel (each rank half of every
 global batch) and latent sharded (each rank half of the latents), for vanilla, TopK (with AuxK on
-dead latents; and with dead latents resampled), BatchTopK, JumpReLU, gated and Matryoshka (data parallel
-only: its prefixes span shards), 300 steps, compared weight by weight, optimiser state and
-dead-latent counters included.
+dead latents; and with dead latents resampled), BatchTopK, JumpReLU, gated, Matryoshka (data parallel
+only: its prefixes span shards) and skip transcoders (TopK; BatchTopK resampled), 300 steps, compared
+weight by weight, optimiser state and dead-latent counters included.
 
 Why float64: in float32 the two runs differ by rounding (a gradient summed in two halves), and
 TopK is discontinuous: a row whose k-th and (k+1)-th pre-activations are 1 ulp apart can pick a
@@ -21,6 +21,7 @@ from sae.saes import (BatchTopKSAEConfig, GatedSAEConfig, JumpReLUSAEConfig, Mat
 from tests.distributed.harness import free_port, rank_main, train_steps
 
 STEPS, BATCH = 300, 256
+TRANSCODE = dict(input_hookpoint="resid_mid", target_hookpoint="mlp_out")
 CONFIGS = {
     "vanilla": VanillaSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, dead_window=2048),
     "topk": TopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048),
@@ -31,6 +32,10 @@ CONFIGS = {
                                   init_threshold=0.05, dead_window=2048),
     "matryoshka": MatryoshkaSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048),
     "gated": GatedSAEConfig(sparse_dim=128, sparsity_coef=0.05, sparsity_warmup_steps=50, dead_window=2048),
+    # skip transcoders (input -> a random MLP of it): TopK with AuxK, and BatchTopK with resampling
+    "transcoder": TopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048, skip=True, **TRANSCODE),
+    "batchtopktranscoder": BatchTopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=1024, resample_every=10,
+                                              resample_until=0.9, skip=True, **TRANSCODE),
 }
 JOBS = [(f"{parallel.value}-{name}", (cfg, STEPS, BATCH, parallel))
         for parallel in (Parallel.data, Parallel.latents) for name, cfg in CONFIGS.items()
@@ -55,9 +60,11 @@ def single_process_results() -> dict:
 def test_two_processes_train_the_single_process_sae(job, two_process_results, single_process_results):
     parallel, sae_type = job.split("-")
     ours, reference = two_process_results[job], single_process_results[sae_type]
-    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu", "resampled", "gated"), \
+    assert reference["dead_seen"] or sae_type in ("vanilla", "jumprelu", "resampled", "gated",
+                                                      "batchtopktranscoder"), \
         "the setting must exercise AuxK"
-    assert reference["restarted"] > 0 or sae_type != "resampled", "the setting must exercise resampling"
+    assert reference["restarted"] > 0 or sae_type not in ("resampled", "batchtopktranscoder"), \
+        "the setting must exercise resampling"
     assert ours["restarted"] == reference["restarted"]
     for name, tensor in reference["sae"].items():
         torch.testing.assert_close(ours["sae"][name], tensor, rtol=1e-9, atol=1e-11, msg=f"{job}: {name}")

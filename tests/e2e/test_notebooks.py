@@ -15,7 +15,8 @@ from sae.errors import UserInputError
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "experimental"
 REQUIRED = {f"cc_first-{task}" for task in ("addition", "subtraction", "multiplication", "division", "mixed")} | {
-    "viz_neuron_activations", "viz_feature_attribution", "viz_latent_space", "viz_neuron_interpretability"}
+    "viz_neuron_activations", "viz_feature_attribution", "viz_latent_space", "viz_neuron_interpretability",
+    "tc_first_look"}
 
 
 def run_notebooks(*args: str) -> subprocess.CompletedProcess:

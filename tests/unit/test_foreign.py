@@ -20,6 +20,18 @@ CONFIGS = {"vanilla": VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10),
            "topk": TopKSAEConfig(sparse_dim=64, k=4, k_aux=16), "jumprelu": JumpReLUSAEConfig(sparse_dim=64),
            "batchtopk": BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16),
            "gated": GatedSAEConfig(sparse_dim=64, sparsity_warmup_steps=10)}
+TRANSCODE = dict(input_hookpoint="resid_mid", target_hookpoint="mlp_out")
+CONFIGS |= {"transcoder": VanillaSAEConfig(sparse_dim=64, sparsity_warmup_steps=10, **TRANSCODE),
+            "skip_transcoder_jumprelu": JumpReLUSAEConfig(sparse_dim=64, skip=True, **TRANSCODE),
+            "skip_transcoder_batchtopk": BatchTopKSAEConfig(sparse_dim=64, k=4, k_aux=16, skip=True, **TRANSCODE),
+            "skip_transcoder_topk": TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, skip=True, **TRANSCODE),
+            "transcoder_topk": TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, **TRANSCODE),
+            "transcoder_gated": GatedSAEConfig(sparse_dim=64, sparsity_warmup_steps=10, **TRANSCODE)}
+# (name, format): each exports and comes back with the same codes and outputs
+ROUND_TRIPS = [("vanilla", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"), ("batchtopk", "saelens"),
+               ("gated", "saelens"), ("topk", "sparsify"), ("transcoder", "saelens"),
+               ("skip_transcoder_jumprelu", "saelens"), ("skip_transcoder_batchtopk", "saelens"),
+               ("skip_transcoder_topk", "sparsify"), ("transcoder_topk", "sparsify")]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +47,23 @@ def same_codes(ours, theirs, d_in: int) -> None:
     x = torch.randn(256, d_in) * 3
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(theirs(x).x_hat, ours(x).x_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.predict(x), ours.predict(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, fmt", [("vanilla", "saelens"), ("topk", "saelens"), ("jumprelu", "saelens"),
-                                       ("batchtopk", "saelens"), ("gated", "saelens"), ("topk", "sparsify")])
+@pytest.mark.parametrize("name, fmt", ROUND_TRIPS)
 def test_an_exported_sae_imports_back_with_the_same_codes(trained, tmp_path, name, fmt):
     out = export_sae(trained[name], fmt, tmp_path / "exported")
     weights = "sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "cfg.json", weights])
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: ") and "## Final metrics" in card and "eval/test/fvu" in card
-    ours = load(trained[name])
-    same_codes(ours, load(out), ours.d_in)  # BatchTopK comes back as the JumpReLU it is at inference
+    ours, theirs = load(trained[name]), load(out)
+    same_codes(ours, theirs, ours.d_in)  # BatchTopK comes back as the JumpReLU it is at inference
+    assert theirs.transcoder == ours.transcoder and theirs.cfg.skip == ours.cfg.skip
+    if ours.transcoder:
+        info = json.loads((out / "cfg.json").read_text())
+        hooks = (info.get("metadata") or {}).get("hook_name"), (info.get("metadata") or {}).get("hook_name_out")
+        assert hooks == (("blocks.0.resid_mid", "blocks.0.mlp_out") if fmt == "saelens" else (None, None))
 
 
 def test_exports_the_target_cannot_hold_are_refused_and_write_nothing(trained, tmp_path, host_cache):
@@ -56,6 +72,11 @@ def test_exports_the_target_cannot_hold_are_refused_and_write_nothing(trained, t
     cases = [(crosscoder, "saelens", "a crosscoder (2 sources) has no saelens format"),
              (trained["vanilla"], "sparsify", "sparsify stores TopK SAEs only"),
              (trained["gated"], "sparsify", "sparsify stores TopK SAEs only; this SAE is gated"),
+             (trained["transcoder_topk"], "saelens", "SAELens transcoders are ReLU (sae=vanilla) or JumpReLU "
+              "(sae=jumprelu; batchtopk and matryoshka at their threshold); this one is topk: a TopK transcoder "
+              "exports with --format sparsify"),
+             (trained["transcoder_gated"], "saelens", "SAELens transcoders are ReLU"),
+             (trained["transcoder_gated"], "sparsify", "sparsify stores TopK SAEs only; this transcoder is gated"),
              (trained["topk"], "onnx", "--format onnx: unknown")]
     for source, fmt, message in cases:
         with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -79,3 +79,68 @@ def test_we_load_a_sparsify_sae_and_compute_its_codes(tmp_path):
         dense = torch.zeros(len(x), 48).scatter_(1, encoded.top_indices, encoded.top_acts)
         torch.testing.assert_close(ours.encode(x), dense, **TOL)
         torch.testing.assert_close(ours(x).x_hat, theirs.decode(encoded.top_acts, encoded.top_indices), **TOL)
+
+
+# -- transcoders: their prediction of the target from the input ----------------------------------
+
+@pytest.mark.parametrize("name, architecture", [("transcoder", "transcoder"),
+                                                ("skip_transcoder_jumprelu", "jumprelu_skip_transcoder"),
+                                                ("skip_transcoder_batchtopk", "jumprelu_skip_transcoder")])
+def test_saelens_loads_our_transcoder_export_and_predicts_as_we_do(trained, tmp_path, name, architecture):  # noqa: F811
+    SAE = pytest.importorskip("sae_lens").SAE
+    out = export_sae(trained[name], "saelens", tmp_path / "exported")
+    theirs, ours = SAE.load_from_disk(str(out)), load(trained[name])
+    assert type(theirs).__name__.lower() == architecture.replace("_", "")
+    x = torch.randn(256, ours.d_in) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), **TOL)
+        torch.testing.assert_close(theirs(x), ours.predict(x), **TOL)  # (skip path included)
+
+
+@pytest.mark.parametrize("name", ["skip_transcoder_topk", "transcoder_topk"])
+def test_sparsify_loads_our_topk_transcoder_export_and_predicts_as_we_do(trained, tmp_path, name):  # noqa: F811
+    Sae = pytest.importorskip("sparsify").Sae
+    out = export_sae(trained[name], "sparsify", tmp_path / "exported")
+    theirs, ours = Sae.load_from_disk(out), load(trained[name])
+    assert theirs.cfg.transcode and theirs.cfg.skip_connection == ours.cfg.skip
+    x, y = torch.randn(256, ours.d_in) * 3, torch.randn(256, ours.d_in)
+    with torch.no_grad():
+        encoded = theirs.encode(x)
+        dense = torch.zeros(len(x), ours.d_sae).scatter_(1, encoded.top_indices, encoded.top_acts)
+        torch.testing.assert_close(dense, ours.encode(x), **TOL)
+        torch.testing.assert_close(theirs(x, y).sae_out, ours.predict(x), **TOL)
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder",
+                                          "jumprelu_skip_transcoder"])
+def test_we_load_a_saelens_transcoder_and_predict_as_it_does(tmp_path, architecture):
+    saes = pytest.importorskip("sae_lens.saes")
+    classes = {"transcoder": (saes.Transcoder, saes.TranscoderConfig),
+               "skip_transcoder": (saes.SkipTranscoder, saes.SkipTranscoderConfig),
+               "jumprelu_transcoder": (saes.JumpReLUTranscoder, saes.JumpReLUTranscoderConfig),
+               "jumprelu_skip_transcoder": (saes.JumpReLUSkipTranscoder, saes.JumpReLUSkipTranscoderConfig)}
+    sae_cls, cfg_cls = classes[architecture]
+    theirs = perturbed(sae_cls(cfg_cls(d_in=16, d_sae=48, d_out=16, apply_b_dec_to_input=False)), seed=3)
+    if "jumprelu" in architecture:
+        with torch.no_grad():
+            theirs.threshold.copy_(torch.rand(48) * 0.5 + 0.01)
+    theirs.save_model(tmp_path / "theirs")
+    ours = load(tmp_path / "theirs")
+    assert ours.transcoder and ours.cfg.skip == ("skip" in architecture)
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), theirs.encode(x), **TOL)
+        torch.testing.assert_close(ours.predict(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_we_load_a_sparsify_transcoder_and_predict_as_it_does(tmp_path, skip):
+    sparsify = pytest.importorskip("sparsify")
+    config = sparsify.SaeConfig(num_latents=48, k=6, transcode=True, skip_connection=skip)
+    theirs = perturbed(sparsify.Sae(16, config, device="cpu"), seed=4)
+    theirs.save_to_disk(tmp_path / "theirs")
+    ours = load(tmp_path / "theirs")
+    assert ours.transcoder and ours.cfg.skip == skip
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.predict(x), theirs(x, x).sae_out, **TOL)
