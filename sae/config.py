@@ -59,6 +59,7 @@ class TrainConfig(HostTrainConfig):
     def __post_init__(self) -> None:
         check_task_host_pair(self.task, self.host_model)
         read_transcoder_hooks(self.sae, self.host_model)
+        check_cross_layer(self.sae, self.host_model)
         for key in ("batch_size", "num_steps", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -117,6 +118,22 @@ def read_transcoder_hooks(sae: SAEConfig, host: Any) -> None:
         raise ValueError(f"host_model.target_hookpoint={host.target_hookpoint.value} is set from "
                          f"sae.target_hookpoint={target}; leave it null")
     host.hookpoint, host.target_hookpoint = Hookpoint(source), Hookpoint(target)
+
+
+def check_cross_layer(sae: SAEConfig, host: Any) -> None:
+    """A cross-layer transcoder reads every layer of one host checkpoint (one CLT per checkpoint)."""
+    if sae.type != "clt":
+        return
+    if host.n_layers < 2:
+        raise ValueError(f"sae=clt on a 1-layer host (host_model.n_layers={host.n_layers}) is a plain transcoder: "
+                         "use sae=transcoder, or a deeper host (host_model.n_layers=2 host_model.layers=[0,1])")
+    every = list(range(host.n_layers))
+    if list(host.layers) != every:
+        raise ValueError(f"sae=clt reads every layer of the host: host_model.layers must be {every} "
+                         f"(host_model.n_layers={host.n_layers}), got {list(host.layers)}")
+    if len(host.checkpoints) != 1:
+        raise ValueError(f"sae=clt takes one host checkpoint (train one CLT per checkpoint, e.g. pre_grok and "
+                         f"post_grok apart), got host_model.checkpoints={list(host.checkpoints)}")
 
 
 class ConfigError(UserInputError):

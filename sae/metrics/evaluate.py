@@ -6,7 +6,7 @@ import torch
 from sae.activations import Activations
 from sae.activations.modular import ActivationData
 from sae.activations.protein import ProteinActivationData
-from sae.metrics.downstream import spliced_source_metrics
+from sae.metrics.downstream import all_layers_replaced_metrics, spliced_source_metrics
 from sae.metrics.protein_mlm import masked_lm_metrics
 from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources, mse
 from sae.saes.base import SparseCoder
@@ -15,7 +15,8 @@ EVAL_CHUNK = 16384
 
 # per activation family: how the reconstruction is scored inside the host
 DOWNSTREAM = {
-    ActivationData: lambda sae, data, split, raw_x, raw_x_hat: spliced_source_metrics(data, split, raw_x, raw_x_hat),
+    ActivationData: lambda sae, data, split, raw_x, raw_x_hat: spliced_source_metrics(data, split, raw_x, raw_x_hat) | (
+        all_layers_replaced_metrics(sae, data, split) if hasattr(sae, "layer_latents") else {}),
     ProteinActivationData: lambda sae, data, split, raw_x, raw_x_hat: masked_lm_metrics(sae, data, split),
 }
 
@@ -73,6 +74,11 @@ def headline(metrics: dict[str, float], source_names: list[str], row_unit: str =
     prediction replaces (e.g. blocks.0.mlp_out), named in the spliced lines."""
     lines = []
     where = dict(zip(source_names, replaced or []))
+    # names with spliced metrics beyond the sources (a cross-layer transcoder's `<checkpoint>.all_layers`)
+    combined = sorted({key.split("/")[2] for key in metrics if key.startswith("eval/test/")
+                       and key.endswith("/acc_spliced")} - set(source_names))
+    where |= {name: "every MLP out" for name in combined}
+    source_names = [*source_names, *combined]
     for split in ("train", "test"):
         p = f"eval/{split}"
         lines.append(f"{split:5s} {row_unit}: FVU {metrics[f'{p}/fvu']:.4f}  L0 {metrics[f'{p}/l0']:.1f}  "

@@ -13,6 +13,7 @@ from sae.atomic_io import MANIFEST, verify_manifest
 from sae.errors import ReportedError
 from sae.saes.base import WEIGHTS_FORMAT, SAEConfig, SAEOutput, SparseCoder
 from sae.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from sae.saes.clt import CLTConfig, CrossLayerTranscoder
 from sae.saes.foreign import foreign_format, load_foreign
 from sae.saes.gated import GatedSAE, GatedSAEConfig
 from sae.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
@@ -29,6 +30,7 @@ SAE_TYPES: dict[str, tuple[type[SAEConfig], type[SparseCoder]]] = {
     "jumprelu": (JumpReLUSAEConfig, JumpReLUSAE),
     "matryoshka": (MatryoshkaSAEConfig, MatryoshkaSAE),
     "gated": (GatedSAEConfig, GatedSAE),
+    "clt": (CLTConfig, CrossLayerTranscoder),
 }
 
 
@@ -111,7 +113,7 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCo
     return sae.to(device).eval()  # inference mode: BatchTopK's threshold, not a ranking over the batch given
 
 
-__all__ = ["InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
+__all__ = ["CLTConfig", "CrossLayerTranscoder", "InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
            "BatchTopKSAE", "BatchTopKSAEConfig", "GatedSAE", "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig",
            "MatryoshkaSAE", "MatryoshkaSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
            "VanillaSAE",

@@ -188,7 +188,8 @@ class SparseCoder(nn.Module):
 
     def __init__(self, cfg: SAEConfig, n_sources: int, d_in: int):
         super().__init__()
-        self.cfg, self.n_sources, self.d_in, self.d_sae = cfg, n_sources, d_in, cfg.sparse_dim
+        self.cfg, self.n_sources, self.d_in = cfg, n_sources, d_in
+        self.d_sae = self.dictionary_size(cfg, n_sources)
         self.transcoder = cfg.transcoder
         self.n_columns = 2 * n_sources if self.transcoder else n_sources  # of a table row: inputs (+ targets)
         W_dec = torch.randn(self.d_sae, n_sources, d_in)
@@ -201,6 +202,11 @@ class SparseCoder(nn.Module):
             self.b_in = nn.Parameter(torch.zeros(n_sources, d_in))  # centres the input (b_dec is the target's)
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(n_sources, d_in, d_in))  # [s, target, input]; starts off
+
+    @staticmethod
+    def dictionary_size(cfg: SAEConfig, n_sources: int) -> int:
+        """How many latents the dictionary has: sae.sparse_dim (a cross-layer transcoder: per layer)."""
+        return cfg.sparse_dim
 
     # -- a table row: the input columns, then (transcoders) the target columns ------------------
     def inputs_of(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,27 +23,34 @@ from sae.world import LOCAL, World
 D_IN, ROWS = 16, 4096
 
 
-def synthetic_table(seed: int = 0, transcoder: bool = False) -> torch.Tensor:
+def synthetic_table(seed: int = 0, transcoder: bool = False, layers: int = 1) -> torch.Tensor:
     """Sparse combinations of random directions: some latents die early, so AuxK runs. A transcoder's
-    rows add a target column: a fixed random ReLU MLP of the input."""
+    rows add a target column: a fixed random ReLU MLP of the input; with `layers` > 1 (a cross-layer
+    transcoder) layer l's input is the previous one plus its target, as in a residual stream."""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(64, D_IN, generator=g, dtype=torch.float64)
     codes = torch.rand(ROWS, 64, generator=g, dtype=torch.float64) * (torch.rand(ROWS, 64, generator=g) < 0.1)
     x = codes @ features
     if not transcoder:
         return x[:, None]  # [rows, 1 source, d_in]
-    W_in, W_out = (torch.randn(D_IN, 4 * D_IN, generator=g, dtype=torch.float64) / D_IN ** 0.5,
-                   torch.randn(4 * D_IN, D_IN, generator=g, dtype=torch.float64) / (4 * D_IN) ** 0.5)
-    return torch.stack([x, torch.relu(x @ W_in) @ W_out], dim=1)  # [rows, input + target, d_in]
+    inputs, targets = [], []
+    for _ in range(layers):
+        W_in, W_out = (torch.randn(D_IN, 4 * D_IN, generator=g, dtype=torch.float64) / D_IN ** 0.5,
+                       torch.randn(4 * D_IN, D_IN, generator=g, dtype=torch.float64) / (4 * D_IN) ** 0.5)
+        inputs.append(x)
+        targets.append(torch.relu(x @ W_in) @ W_out)
+        x = x + targets[-1]
+    return torch.stack(inputs + targets, dim=1)  # [rows, inputs + targets, d_in]
 
 
 def train_steps(sae_cfg: SAEConfig, steps: int, batch_size: int, group=LOCAL, parallel=Parallel.data,
                 grad_clip: float | None = 1.0) -> dict:
     """The whole-dictionary state after `steps` steps (rank 0's view; every rank must call it)."""
-    table = synthetic_table(transcoder=sae_cfg.transcoder)
+    layers = 2 if sae_cfg.type == "clt" else 1
+    table = synthetic_table(transcoder=sae_cfg.transcoder, layers=layers)
     rows, shards = split_axes(parallel, group)
     torch.manual_seed(0)
-    sae = build_sae(sae_cfg, 1, D_IN).double()
+    sae = build_sae(sae_cfg, layers, D_IN).double()
     sae.init_b_dec(table.mean(dim=0))
     sae.init_from_data(calibration_sample(table))
     forward = spread(sae, rows, shards)

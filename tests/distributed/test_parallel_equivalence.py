@@ -1,8 +1,9 @@
 """Two gloo processes train what one process trains: data parallel (each rank half of every
 global batch) and latent sharded (each rank half of the latents), for vanilla, TopK (with AuxK on
 dead latents; and with dead latents resampled), BatchTopK, JumpReLU, gated, Matryoshka (data parallel
-only: its prefixes span shards) and skip transcoders (TopK; BatchTopK resampled), 300 steps, compared
-weight by weight, optimiser state and dead-latent counters included.
+only: its prefixes span shards), skip transcoders (TopK; BatchTopK resampled) and a cross-layer
+transcoder (data parallel), 300 steps, compared weight by weight, optimiser state and dead-latent
+counters included.
 
 Why float64: in float32 the two runs differ by rounding (a gradient summed in two halves), and
 TopK is discontinuous: a row whose k-th and (k+1)-th pre-activations are 1 ulp apart can pick a
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 
 from sae.hardware import Parallel
 from sae.parallel import SHARDABLE_TYPES
-from sae.saes import (BatchTopKSAEConfig, GatedSAEConfig, JumpReLUSAEConfig, MatryoshkaSAEConfig, TopKSAEConfig,
+from sae.saes import (BatchTopKSAEConfig, CLTConfig, GatedSAEConfig, JumpReLUSAEConfig, MatryoshkaSAEConfig, TopKSAEConfig,
                       VanillaSAEConfig)
 from tests.distributed.harness import free_port, rank_main, train_steps
 
@@ -36,6 +37,8 @@ CONFIGS = {
     "transcoder": TopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=2048, skip=True, **TRANSCODE),
     "batchtopktranscoder": BatchTopKSAEConfig(sparse_dim=128, k=8, k_aux=16, dead_window=1024, resample_every=10,
                                               resample_until=0.9, skip=True, **TRANSCODE),
+    # a cross-layer transcoder over 2 layers (data parallel: its per-layer TopK does not shard)
+    "clt": CLTConfig(sparse_dim=64, k=4, k_aux=16, dead_window=2048),
 }
 JOBS = [(f"{parallel.value}-{name}", (cfg, STEPS, BATCH, parallel))
         for parallel in (Parallel.data, Parallel.latents) for name, cfg in CONFIGS.items()
