@@ -59,6 +59,10 @@ def exported_architecture(sae: SparseCoder, fmt: str) -> str:
     """The target's architecture name for this SAE; UserInputError where it has none."""
     if fmt not in FORMATS:
         raise UserInputError(f"--format {fmt}: unknown, expected one of {list(FORMATS)}")
+    if sae.cfg.type == "clt":
+        raise UserInputError(f"a cross-layer transcoder has no {fmt} format (circuit-tracer's CLT files assume a "
+                             "TransformerLens host): its checkpoint dir is the layout to share (docs/circuits.md), "
+                             "read back by sae.saes.load")
     if sae.n_sources != 1:
         raise UserInputError(f"a crosscoder ({sae.n_sources} sources) has no {fmt} format: "
                              f"{fmt} stores one-source SAEs")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "experimental"
 REQUIRED = {f"cc_first-{task}" for task in ("addition", "subtraction", "multiplication", "division", "mixed")} | {
     "viz_neuron_activations", "viz_feature_attribution", "viz_latent_space", "viz_neuron_interpretability",
-    "tc_first_look"}
+    "tc_first_look", "clt_circuits"}
 
 
 def run_notebooks(*args: str) -> subprocess.CompletedProcess:

@@ -148,3 +148,25 @@ def test_logit_effects_of_many_inputs_sum_to_the_centred_logit():
     torch.testing.assert_close(effects.logits, centred, rtol=0, atol=1e-9)
     shares = effects.shares()
     torch.testing.assert_close(sum(shares.values()), torch.ones(len(pairs), dtype=torch.float64))
+
+
+def test_output_frequencies_read_a_decoder_through_the_unembedding():
+    """An unembedding whose first two dimensions hold cos and sin of frequency 3 over c: a latent writing
+    dimension 0 has all its output power at 3; one writing only dimension 5 (unread) has none."""
+    from sae.analysis.circuit_study import output_key_shares
+
+    host, clt = tiny("none")
+    c = torch.arange(P, dtype=torch.float64)
+    with torch.no_grad():
+        host.unembed.weight.zero_()
+        host.unembed.weight[:, 0] = torch.cos(2 * math.pi * 3 * c / P)
+        host.unembed.weight[:, 1] = torch.sin(2 * math.pi * 3 * c / P)
+        host.unembed.weight[:, 5] = 0.0
+        clt.W_dec.zero_()
+        clt.W_dec[0, 0, 0] = 1.0  # layer-0 latent 0 writes e0 into layer 0's MLP output
+        clt.W_dec[1, :, 1] = 0.5  # latent 1: e1 into both layers'
+        clt.W_dec[2, 1, 2] = 1.0  # latent 2: e2, which the unembedding does not read
+    shares = output_key_shares(clt, host, "addition", [3], P)
+    assert shares[0].item() == pytest.approx(1.0) and shares[1].item() == pytest.approx(1.0)
+    assert shares[2].item() == 0.0
+    assert output_key_shares(clt, host, "addition", [4], P)[0].item() == pytest.approx(0.0, abs=1e-12)

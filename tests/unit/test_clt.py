@@ -187,3 +187,33 @@ def test_bad_clt_configs_are_refused_in_one_line(compose_train, overrides, messa
     with pytest.raises(ConfigError) as error:
         compose_train(overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_circuit_summary_splits_the_whole_logit(clt_run):
+    """Over every pair: latents (known-algorithm + other), errors, embeddings and constants account
+    for the whole centred answer logit, on train and test pairs."""
+    from sae.analysis.circuit_study import circuit_summary
+    from sae.analysis.runs import load_sae_run
+
+    _, run_dir, _ = clt_run
+    summary = circuit_summary(load_sae_run(run_dir))
+    for split in ("train", "test"):
+        shares = summary[split]
+        assert shares["latents"] + shares["errors"] + shares["embeddings"] + shares["constants"] == pytest.approx(1.0)
+        assert shares["known_algorithm_latents"] + shares["other_latents"] == pytest.approx(shares["latents"])
+    assert 0 <= summary["latents_on_known_algorithm"] <= summary["alive"] <= 64
+    assert len(summary["top_latents"]) == 10
+
+
+def test_a_clt_is_not_exported_to_a_single_layer_format_and_its_checkpoint_loads_back(clt_run, tmp_path):
+    from sae.errors import UserInputError
+    from sae.saes.export import export_sae
+
+    _, run_dir, _ = clt_run
+    for fmt in ("saelens", "sparsify"):
+        with pytest.raises(UserInputError, match=f"a cross-layer transcoder has no {fmt} format"):
+            export_sae(run_dir, fmt, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    clt = load(run_dir)
+    assert type(clt).__name__ == "CrossLayerTranscoder" and clt.d_sae == 64 and clt.n_sources == 2
+    assert (clt.W_enc * (1 - clt.encoder_mask)).abs().max() == 0  # the causal pattern, as saved
