@@ -217,3 +217,20 @@ def test_a_clt_is_not_exported_to_a_single_layer_format_and_its_checkpoint_loads
     clt = load(run_dir)
     assert type(clt).__name__ == "CrossLayerTranscoder" and clt.d_sae == 64 and clt.n_sources == 2
     assert (clt.W_enc * (1 - clt.encoder_mask)).abs().max() == 0  # the causal pattern, as saved
+
+
+def test_an_interrupted_clt_run_resumes_to_the_same_weights(tmp_path, host_cache, caplog):
+    import shutil
+    from tests.unit.test_training import final_weights
+
+    cfg = tiny_train_config(host_cache, sae=CLTConfig(sparse_dim=32, k=4, k_aux=16, dead_window=128, skip=True,
+                                                       resample_every=10, resample_until=0.9),
+                            host_model=tiny_host(host_cache, layers=[0, 1]), checkpoint_every=15, num_steps=40)
+    run_training(cfg, tmp_path / "full")
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000015", interrupted / "checkpoints" / "step_0000015")
+    with caplog.at_level("INFO"):
+        assert run_training(cfg, interrupted)["step"] == 40
+    assert "Resuming from" in caplog.text
+    full, resumed = final_weights(tmp_path / "full"), final_weights(interrupted)
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)

@@ -282,3 +282,27 @@ def test_a_host_without_the_target_width_is_refused_when_loading(host_cache):
     cfg = tiny_train_config(host_cache)
     with pytest.raises(HostRunError, match=r"have different widths \[32, 64\]"):
         load_activation_data(cfg.task, host, normalize=False, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
+def test_the_sparse_batchtopk_kernels_train_a_transcoder_as_the_dense_path_does(kind):
+    """Training-mode BatchTopK / Matryoshka skip transcoders: the sparse kernels (input without gradient)
+    and the dense forward (input that needs one) give the same codes, loss and every gradient."""
+    def loss_and_grads(model, table, dead):
+        out = model(table, dead)
+        loss = out.mse + out.aux
+        model.zero_grad()
+        loss.backward()
+        return out, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model = random_transcoder(transcoder_config(kind, True), 2, 7, seed=5).train()
+    table = torch.randn(64, 4, 7, dtype=torch.float64)
+    dead = torch.tensor([1, 6, 9, 30])
+    sparse_out, sparse_loss, sparse_grads = loss_and_grads(model, table, dead)
+    assert sparse_out.rows is not None
+    dense_out, dense_loss, dense_grads = loss_and_grads(model, table.clone().requires_grad_(), dead)
+    assert dense_out.rows is None
+    torch.testing.assert_close(sparse_out.dense_latents(model.d_sae), dense_out.latents)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], msg=name)
