@@ -81,3 +81,17 @@ def tiny_protein_config(tmp_path: Path, checkpoints: list[Path], layers=(2,), sa
                              activation_cache=str(tmp_path / "cache"))
     host = ESM2HostConfig(checkpoints=[str(c) for c in checkpoints], layers=list(layers))
     return tiny_train_config(tmp_path, sae=sae, task=task, host_model=host, **overrides)
+
+
+@pytest.fixture(scope="module")
+def compose_train():
+    """compose_train(overrides) -> the TrainConfig scripts/train.py would run (ConfigError on bad input)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sae.config import register_configs, to_dataclass
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield lambda overrides: to_dataclass(compose(config_name="config", overrides=overrides))

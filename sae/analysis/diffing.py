@@ -29,7 +29,8 @@ def training_unit_decoders(sae, input_scale: Sequence[float] | torch.Tensor | No
     W = sae.W_dec.detach()
     if input_scale is None:
         return W
-    return W * torch.as_tensor(input_scale, dtype=W.dtype, device=W.device)[None, :, None]
+    scale = torch.as_tensor(input_scale, dtype=W.dtype, device=W.device)
+    return W * sae.targets_of(scale[None, :, None])[0][None]  # (a transcoder's decoder writes its targets)
 
 
 def relative_decoder_norms(sae, pre_source: int = 0, post_source: int = 1,
@@ -71,7 +72,8 @@ def latent_scaling(sae, x: torch.Tensor, latents: torch.Tensor, pre_source: int 
     f_squared = torch.zeros(len(latents), dtype=torch.float64, device=x.device)
     for rows in x.split(chunk):
         f_all = sae.encode(rows)
-        x_hat = sae.decode(f_all)
+        x_hat = sae.decode(f_all, rows)
+        rows = sae.targets_of(rows)  # what the decoder writes (a transcoder's targets)
         f = f_all[:, latents]  # [n, J]
         f_squared += f.double().pow(2).sum(dim=0)
         for m in (pre_source, post_source):

@@ -113,7 +113,8 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str = "cpu") -> SparseCo
     return sae.to(device).eval()  # inference mode: BatchTopK's threshold, not a ranking over the batch given
 
 
-__all__ = ["CLTConfig", "CrossLayerTranscoder", "InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
+__all__ = ["CLTConfig", "CrossLayerTranscoder",
+           "InvalidCheckpointError", "SAEConfig", "SAEOutput", "SparseCoder", "SAE_TYPES", "build_sae", "load",
            "BatchTopKSAE", "BatchTopKSAEConfig", "GatedSAE", "GatedSAEConfig", "JumpReLUSAE", "JumpReLUSAEConfig",
            "MatryoshkaSAE", "MatryoshkaSAEConfig", "checkpoint_dirs", "load_checkpoint", "TopKSAE", "TopKSAEConfig",
            "VanillaSAE",

@@ -3,16 +3,14 @@ the causal pattern kept through training and restarts, one layer = a transcoder,
 model (every MLP replaced at once) against a hand-written forward, and the config's refusals."""
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from sae.config import ConfigError, register_configs, to_dataclass
+from sae.config import ConfigError
 from sae.jobs import run_training
 from sae.saes import CLTConfig, TopKSAEConfig, build_sae, load
 from sae.activations.modular import load_activation_data
 from sae.tasks.modular import build_dataset
 from sae.training.step import make_optimizer
-from tests.conftest import ROOT, tiny_host, tiny_train_config
+from tests.conftest import tiny_host, tiny_train_config
 
 M, K = 12, 3  # latents and active latents per layer
 
@@ -159,14 +157,6 @@ def test_every_mlp_replaced_at_once_matches_a_manual_forward(clt_run):
         assert summary[f"{prefix}/ce_zero"] == pytest.approx(zero_ce, rel=1e-3, abs=1e-4)
     for layer in (0, 1):  # and each layer replaced alone, as every transcoder reports
         assert f"eval/test/final.L{layer}/acc_spliced" in summary
-
-
-@pytest.fixture(scope="module")
-def compose_train():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield lambda overrides: to_dataclass(compose(config_name="config", overrides=overrides))
 
 
 def test_the_preset_composes_on_a_two_layer_host(compose_train):

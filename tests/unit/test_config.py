@@ -46,7 +46,7 @@ def test_every_group_has_options():
                                           "esm2_t33_650M", "esm2_t36_3B"}
     assert set().union(*(tasks for tasks, _ in FAMILIES.values())) == set(OPTIONS["task"])
     assert set().union(*(hosts for _, hosts in FAMILIES.values())) == set(OPTIONS["host_model"])
-    assert {build([f"sae={option}"]).sae.type for option in OPTIONS["sae"]} == set(SAE_TYPES)
+    assert {build([f"sae={option}", *DEEPER_HOST.get(option, [])]).sae.type for option in OPTIONS["sae"]} == set(SAE_TYPES)
 
 
 def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
@@ -66,8 +66,10 @@ def all_pairs(option_lists: list[list[str]]) -> list[tuple[str, ...]]:
     return rows
 
 
-# transcoder presets need the MLP hooks only the transformer host has (ESM-2 refuses them, tested below)
-TRANSCODER_PRESETS = {option for option in OPTIONS["sae"] if "transcoder" in option}
+# transcoder presets need the MLP hooks only the transformer host has (ESM-2 refuses them, tested
+# elsewhere); a cross-layer transcoder also needs every layer of a host with two or more
+TRANSCODER_PRESETS = {option for option in OPTIONS["sae"] if "transcoder" in option or option == "clt"}
+DEEPER_HOST = {"clt": ["host_model.n_layers=2", "host_model.layers=[0,1]"]}
 
 
 def family_rows() -> list[tuple[str, ...]]:
@@ -79,12 +81,13 @@ def family_rows() -> list[tuple[str, ...]]:
 
 
 def test_the_transcoder_presets_are_those_named_so():
-    assert TRANSCODER_PRESETS and {o for o in OPTIONS["sae"] if build([f"sae={o}"]).sae.transcoder} == TRANSCODER_PRESETS
+    transcoders = {o for o in OPTIONS["sae"] if build([f"sae={o}", *DEEPER_HOST.get(o, [])]).sae.transcoder}
+    assert TRANSCODER_PRESETS and transcoders == TRANSCODER_PRESETS
 
 
 @pytest.mark.parametrize("choice", family_rows(), ids="-".join)
 def test_every_option_composes_with_every_other(choice):
-    extra = [f"task.fasta={FASTA}"] if choice[0] == "protein_mlm" else []
+    extra = [f"task.fasta={FASTA}"] if choice[0] == "protein_mlm" else DEEPER_HOST.get(choice[2], [])
     cfg = build([f"{group}={option}" for group, option in zip(GROUPS, choice)] + extra)
     assert cfg.host_model.name == choice[1]
     assert isinstance(cfg, TrainConfig)

@@ -437,8 +437,9 @@ def test_every_sae_preset_gets_a_dashboard(preset, tmp_path, host_cache):
     """Each SAE type encodes through its own inference path (BatchTopK: its threshold; JumpReLU: its
     thresholds); the table must match a direct count for each."""
     tiny = [o for o in TINY if not o.startswith(("sae.sparse_dim", "sae.k="))]  # each preset's own k (topk_k50: 50)
+    deeper = ["host_model.n_layers=2", "host_model.layers=[0,1]"] if preset == "clt" else []  # every layer of 2
     run = train_or_reuse([*tiny, "sae.sparse_dim=64", f"sae={preset}", f"host_model.cache_dir={host_cache}",
-                          "num_steps=20"], tmp_path / "run")
+                          "num_steps=20", *deeper], tmp_path / "run")
     out = build_run_dashboard(run, tmp_path / "site").parent
     index, panels = site_data(out)
     loaded = load_sae_run(run)

@@ -5,14 +5,11 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from sae.config import ConfigError, register_configs, to_dataclass
+from sae.config import ConfigError
 from sae.host_models.config import Hookpoint
 from sae.saes import SAE_TYPES, build_sae, load
 from sae.jobs import run_training
-from sae.metrics.evaluate import evaluate
 from sae.activations.modular import load_activation_data
 from sae.tasks.modular import build_dataset
 from tests.conftest import ROOT, tiny_host, tiny_train_config
@@ -229,14 +226,6 @@ def test_an_interrupted_transcoder_run_resumes_to_the_same_weights(kind, tmp_pat
 
 
 # -- config: one line naming the key, before any work ---------------------------------------------
-
-@pytest.fixture(scope="module")
-def compose_train():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield lambda overrides: to_dataclass(compose(config_name="config", overrides=overrides))
-
 
 def test_the_presets_read_the_mlp_input_and_predict_its_output(compose_train):
     cfg = compose_train(["sae=transcoder"])
