@@ -25,6 +25,18 @@ def final_weights(run_dir):
     return load_file(str(latest_checkpoint(run_dir) / "sae.safetensors"))
 
 
+def resumed_and_whole_weights(cfg, tmp_path, caplog) -> tuple[dict, dict]:
+    """Train cfg whole, then again from only its step-15 checkpoint (an interrupted run: cfg must
+    checkpoint at 15 and run past it); the resumed run must say it resumed. -> (whole, resumed) weights."""
+    run_training(cfg, tmp_path / "full")
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000015", interrupted / "checkpoints" / "step_0000015")
+    with caplog.at_level("INFO"):
+        assert run_training(cfg, interrupted)["step"] == cfg.num_steps
+    assert "Resuming from" in caplog.text
+    return final_weights(tmp_path / "full"), final_weights(interrupted)
+
+
 def test_run_writes_metrics_checkpoints_and_config(tmp_path, host_cache):
     cfg = tiny_train_config(host_cache)
     summary = run_training(cfg, tmp_path / "run")

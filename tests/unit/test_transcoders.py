@@ -207,20 +207,13 @@ def test_a_transcoder_run_reports_the_replacement_model_against_a_manual_forward
 def test_an_interrupted_transcoder_run_resumes_to_the_same_weights(kind, tmp_path, host_cache, caplog):
     """Only the step-15 checkpoint survived: the run resumes from it (skip path, b_in, dead-latent
     resampling of a transcoder included) and ends with the uninterrupted run's weights, bit for bit."""
-    import shutil
-    from tests.unit.test_training import final_weights
+    from tests.unit.test_training import resumed_and_whole_weights
     sae = transcoder_config(kind, True, sparse_dim=64, dead_window=128, resample_every=10, resample_until=0.9,
                             **({"k": 4, "k_aux": 16} if kind != "jumprelu" else {}))
     cfg = tiny_train_config(host_cache, sae=sae, checkpoint_every=15, num_steps=40)
     from sae.config import read_transcoder_hooks
     read_transcoder_hooks(cfg.sae, cfg.host_model)
-    run_training(cfg, tmp_path / "full")
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000015", interrupted / "checkpoints" / "step_0000015")
-    with caplog.at_level("INFO"):
-        assert run_training(cfg, interrupted)["step"] == 40
-    assert "Resuming from" in caplog.text
-    full, resumed = final_weights(tmp_path / "full"), final_weights(interrupted)
+    full, resumed = resumed_and_whole_weights(cfg, tmp_path, caplog)
     assert set(full) == set(resumed) and {"W_skip", "b_in"} <= set(full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
@@ -255,8 +248,15 @@ FASTA = str(ROOT / "tests" / "data" / "proteins.fasta")
     (["host_model.target_hookpoint=mlp_out"], "host_model.target_hookpoint=mlp_out is set from sae.target_hookpoint"),
     (["sae=transcoder", "task=protein_mlm", "host_model=esm2_t6_8M", f"task.fasta={FASTA}"],
      "sae.target_hookpoint=mlp_out: transcoders need a host with MLP input and output hooks; esm2_t6_8M"),
+    # cross-layer transcoders (sae=clt)
+    (["sae=clt"], "sae=clt on a 1-layer host (host_model.n_layers=1) is a plain transcoder: use sae=transcoder"),
+    (["sae=clt", "host_model.n_layers=3", "host_model.layers=[0,2]"],
+     "sae=clt reads every layer of the host: host_model.layers must be [0, 1, 2] (host_model.n_layers=3), got [0, 2]"),
+    (["sae=clt", "host_model.n_layers=2", "host_model.layers=[0,5]"], "host_model.layers: layer 5 out of range [0, n_layers=2)"),
+    (["sae=clt", "host_model.n_layers=2", "host_model.layers=[0,1]", "host_model.checkpoints=[pre_grok,post_grok]"],
+     "sae=clt takes one host checkpoint (train one CLT per checkpoint"),
 ])
-def test_bad_transcoder_configs_are_refused_in_one_line(compose_train, overrides, message):
+def test_bad_transcoder_and_clt_configs_are_refused_in_one_line(compose_train, overrides, message):
     with pytest.raises(ConfigError) as error:
         compose_train(overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
