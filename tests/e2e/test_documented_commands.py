@@ -43,7 +43,8 @@ TINY_MODULAR = ["task.p=53", "task.train_fraction=0.6", "host_model.d_model=64",
                 "batch_size=64", "eval_every=20", "hardware.threads=1"]
 TINY_PROTEIN = ["task.max_train_tokens=2048", "task.max_test_tokens=512", "task.eval_sequences=4", "num_steps=20",
                 "batch_size=64", "eval_every=20", "hardware.threads=1"]
-TEST_SUITES = re.compile(r"^make (test|slurm-up|notebooks-full)")
+# whole suites, and the notebook runner (the notebooks stage runs it on every notebook, small profile)
+TEST_SUITES = re.compile(r"^(make (test|slurm-up|notebooks-full)|python scripts/run_notebooks\.py)")
 NEEDS = re.compile(r"#.*\bneeds: ([^#]+)")
 
 
@@ -146,7 +147,7 @@ def test_documented_command_runs_as_written(command, workspace):
     if command.needs:
         pytest.skip(f"needs {command.needs}: {command.text}")
     if TEST_SUITES.match(command.text):
-        pytest.skip(f"a test suite, run by .ci/run as its own stage: {command.text}")
+        pytest.skip(f"a test suite (or the notebook runner), run by .ci/run as its own stage: {command.text}")
     text = fill_placeholders(made_small(command.text), workspace)
     time.sleep(1.0 - time.time() % 1.0 + 0.05)  # run dirs are named by the second: never two in one
     result = subprocess.run(["bash", "-c", text], cwd=workspace, env=environment(workspace), capture_output=True,
