@@ -330,18 +330,22 @@ def node_label(node: dict) -> str:
     return f"logit {node['token']}"
 
 
+def node_column(node: dict) -> float:
+    """x position: embeddings at 0, layer l's latents at 2 l + 2 with its error and constant nodes just
+    right of them, the logit (layer L) at 2 L + 2."""
+    if node["kind"] == "embedding":
+        return 0.0
+    return 2.0 * node["layer"] + (2.6 if node["kind"] in ("error", "constant") else 2.0)
+
+
 def plot_graph(graph: AttributionGraph, path: str | Path, max_edges: int = 60) -> Path:
     """Nodes by layer (embeddings left, logit right), edge width by |effect|, blue positive, red negative."""
     import matplotlib.pyplot as plt
 
     kept = graph.kept or list(range(len(graph.nodes)))
-    column = {"embedding": 0, "latent": None, "error": None, "constant": None, "logit": None}
-    columns: dict[int, list[int]] = {}
+    columns: dict[float, list[int]] = {}
     for node in kept:
-        info = graph.nodes[node]
-        x = column[info["kind"]] if column[info["kind"]] is not None else 2 * info["layer"] + (
-            2 if info["kind"] == "latent" else 2.6 if info["kind"] in ("error", "constant") else 2)
-        columns.setdefault(x, []).append(node)
+        columns.setdefault(node_column(graph.nodes[node]), []).append(node)
     position = {node: (x, i - (len(nodes) - 1) / 2) for x, nodes in columns.items() for i, node in enumerate(nodes)}
     kept_set = set(kept)
     edges = [(graph.edges[row, s].item(), s, t) for row, t in enumerate(graph.targets) if t in kept_set
