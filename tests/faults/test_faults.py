@@ -199,9 +199,10 @@ def test_a_stop_before_training_ends_the_job_at_once_as_cancelled(tmp_path, stop
     time.sleep(1.0)  # inside host training (thousands of steps before the SAE loop)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum
+    # (stderr in the message: this failed once in CI with exit status 1 and could not be reproduced)
+    assert process.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr
-    assert status(run_dir)["status"] == "cancelled"
+    assert status(run_dir)["status"] == "cancelled", (status(run_dir), stderr[-3000:])
     assert f"{name} before the first SAE step" in status(run_dir)["error"]
     assert stderr.strip().splitlines()[-1].startswith(f"Stopped: {name} before the first SAE step")
     assert not checkpoint_dirs(run_dir)
