@@ -22,11 +22,7 @@ def replacing_hook(replacement: torch.Tensor, positions: TokenPositions) -> Call
     """replacement: [n, d] (answer) or [n * seq, d] (all) for a chunk of n pairs."""
 
     def hook(activation: torch.Tensor) -> torch.Tensor:
-        if positions is TokenPositions.all:
-            return replacement.view_as(activation).to(activation.dtype)
-        patched = activation.clone()
-        patched[:, -1] = replacement.to(activation.dtype)
-        return patched
+        return with_rows(activation, replacement, positions)
 
     return hook
 
@@ -124,8 +120,7 @@ def replacement_hooks(clt, data, zero: bool = False) -> dict:
     def write(layer):
         def hook(activation):
             if zero:
-                return torch.zeros_like(activation) if positions is TokenPositions.all else with_rows(
-                    activation, torch.zeros_like(activation[:, -1]), positions)
+                return with_rows(activation, torch.zeros_like(at_positions(activation, positions)), positions)
             out = clt.layer_output(layer, [latents[j] for j in range(layer + 1)], inputs[layer]) / c_out[layer]
             return with_rows(activation, out, positions)
         return hook
