@@ -14,6 +14,8 @@
 # Why DefMemPerCPU: a job that asks for no memory would otherwise reserve the whole node, and
 # jobs would run one at a time. No cgroups here: jobs are not pinned to cores, so the training
 # code sets torch threads from SLURM_CPUS_PER_TASK.
+# Why cred_expire=30: a requeued job waits this long before it may start again (default 120 s,
+# most of what the requeue tests took); 30 s still leaves a step's launch time to spare.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 NODE="$(hostname -s)"
@@ -96,6 +98,7 @@ ClusterName=trainsae
 SlurmctldHost=$NODE
 SlurmUser=slurm
 AuthType=auth/munge
+AuthInfo=cred_expire=30
 StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 SlurmctldPidFile=/run/slurmctld.pid

@@ -79,6 +79,9 @@ def test_sweep_of_four_jobs_on_slurm(tmp_path):
     assert len(csv_rows) == 5 and "sae" in csv_rows[0] and "sae.sparse_dim" in csv_rows[0]
 
 
+REQUEUE_STEPS = 4000  # the requeue test's jobs: long enough to be mid-run at step 100 on any machine
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -94,14 +97,15 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, tasks
     """Two jobs differ only in log_every (which does not change the weights); one is requeued
     mid-run as a preemption would, resumes from its checkpoint, and ends with the same weights.
     tasks=2: each job is one SAE trained by 2 gloo processes (SLURM tasks), one job at a time."""
-    # Long enough that the job is still training when SLURM kills it (KillWait is 5 s after the
-    # requeue's SIGTERM, which submitit ignores): 2000 steps could finish inside that window.
-    process = sweep(tmp_path, "num_steps=20000", "checkpoint_every=500", "eval_every=20000", "log_every=50,60",
-                    "sae.sparse_dim=64", "sae.k=8", f"hydra.launcher.tasks_per_node={tasks}",
+    # The requeue comes right after the first checkpoint (step 100), while thousands of steps are
+    # left (seconds at this size): SIGTERM stops the job after its next step's checkpoint and SLURM
+    # starts it again, from that checkpoint. A job that had already ended would make scontrol fail.
+    process = sweep(tmp_path, f"num_steps={REQUEUE_STEPS}", "checkpoint_every=100", f"eval_every={REQUEUE_STEPS}",
+                    "log_every=50,60", "sae.sparse_dim=64", "sae.k=8", f"hydra.launcher.tasks_per_node={tasks}",
                     *(["hydra.launcher.array_parallelism=1"] if tasks > 1 else []))
     try:
         first = wait_for(lambda: next(iter(job_dirs(tmp_path)), None), 300, "the first job to start")
-        wait_for(lambda: (first / "checkpoints" / "step_0000500").is_dir(), 300, "a periodic checkpoint of the first job")
+        wait_for(lambda: (first / "checkpoints" / "step_0000100").is_dir(), 300, "a periodic checkpoint of the first job")
         job_id = json.loads((first / "job.json").read_text())["slurm_job_id"]
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         output, _ = process.communicate(timeout=600)
@@ -111,7 +115,7 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, tasks
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob(f"{job_id}*/*_log.out"))
     assert "Resuming from" in logs
     jobs = job_dirs(tmp_path)
-    finals = [load_file(str(job / "checkpoints" / "step_0020000" / "sae.safetensors")) for job in jobs]
+    finals = [load_file(str(job / "checkpoints" / f"step_{REQUEUE_STEPS:07d}" / "sae.safetensors")) for job in jobs]
     assert all(t.equal(finals[1][k]) for k, t in finals[0].items())
 
 
