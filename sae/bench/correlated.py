@@ -17,7 +17,20 @@ import math
 
 import torch
 
-CHUNK = 16384
+CHUNK = 16384  # rows drawn at once; fewer when there are many features (a [rows, n_true] float64 z each)
+MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def correlated_chunk_rows(n_true: int) -> int:
+    """Rows per chunk: CHUNK up to 1024 features (the data every result so far was measured on), then
+    fewer so that a chunk's temporaries stay near 3 x 128 MiB."""
+    return max(1, min(CHUNK, MAX_CHUNK_ELEMENTS // n_true))
+
+
+def scale_to_mean_square(x: torch.Tensor, d_in: int) -> torch.Tensor:
+    """x scaled in place so that E||x||^2 = d_in; no full-size temporary (row norms a chunk at a time)."""
+    mean_square = torch.cat([part.pow(2).sum(dim=1) for part in x.split(CHUNK)]).mean()
+    return x.mul_((d_in / mean_square).sqrt())
 
 
 def firing_probabilities(n_true: int, per_token: float, spread: float) -> torch.Tensor:
@@ -62,9 +75,11 @@ def correlated_activations(d_in: int, n_true: int, per_token: float, n: int, see
     generator = torch.Generator().manual_seed(seed)
     truth = CopulaFeatures(d_in, n_true, per_token, spread, rank, rho, generator)
     chunks = []
-    for start in range(0, n, CHUNK):
-        m = min(CHUNK, n - start)
+    rows = correlated_chunk_rows(n_true)
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
         codes = truth.fires(m, generator).float() * (1 - torch.rand(m, n_true, generator=generator))  # U(0, 1]
         chunks.append(codes @ truth.features + noise * torch.randn(m, d_in, generator=generator))
     x = torch.cat(chunks)
-    return x * (d_in / x.pow(2).sum(dim=1).mean()).sqrt(), truth.features, truth.p.float()
+    del chunks
+    return scale_to_mean_square(x, d_in), truth.features, truth.p.float()

@@ -19,7 +19,7 @@ import statistics
 
 from scipy import stats
 
-from sae.bench.synthetic import Case, parse_size, run_case
+from sae.bench.synthetic import DATA_GENERATORS, Case, available_memory_gib, parse_size, run_case, too_big
 from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=819_200)
     parser.add_argument("--true-features", type=float, default=0.5, help="ground-truth features per latent")
+    parser.add_argument("--data", default="flat", choices=DATA_GENERATORS,
+                        help="flat: independent, equally likely features; correlated: firing spread 50x and co-firing "
+                             "(sae/bench/correlated.py)")
     parser.add_argument("--varied-complexity", action="store_true",
                         help="a geometric number of true features per token (mean k/2; 13%% above k) instead of k/2")
     parser.add_argument("--children", type=int, default=0,
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--children must be >= 0 (0: no hierarchy), got {args.children}")
     if args.token_features is not None and args.token_features < 1:
         parser.error(f"--token-features must be >= 1, got {args.token_features}")
+    if args.data == "correlated" and (args.children or args.varied_complexity):
+        parser.error("--data correlated draws its own data: no --children or --varied-complexity with it")
     if args.children and args.varied_complexity:
         parser.error("--children and --varied-complexity draw two different kinds of data: pick one")
     defaults = Case("topk", 0, 0, 0, 4096, 0, 2e-3, "cpu", 1, "float32")
@@ -138,21 +143,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     threads = args.threads or torch.get_num_threads()
+    runs = [(dataclasses.replace(defaults, impl=args.impl, d_in=d_in, d_sae=d_sae, k=k, tokens=args.tokens,
+                                 threads=threads, seed=seed, true_features=args.true_features,
+                                 varied_complexity=args.varied_complexity, children=args.children,
+                                 token_features=args.token_features, data=args.data, **recipe), recipe)
+            for d_in, d_sae, k in args.sizes for recipe in recipes(base, args.vary) for seed in args.seeds]
+    available = available_memory_gib("cpu")
+    refusal = next(filter(None, (too_big(case, available) for case, _ in runs)), None)
+    if refusal:
+        parser.error(refusal)
     results = []
-    for d_in, d_sae, k in args.sizes:
-        for recipe in recipes(base, args.vary):
-            for seed in args.seeds:
-                case = dataclasses.replace(defaults, impl=args.impl, d_in=d_in, d_sae=d_sae, k=k, tokens=args.tokens,
-                                           threads=threads, seed=seed, true_features=args.true_features,
-                                           varied_complexity=args.varied_complexity, children=args.children,
-                                           token_features=args.token_features,
-                                           **recipe)
-                result = {**run_case(case), "recipe": describe(recipe, base)}
-                result.pop("curve")
-                results.append(result)
-                print(f"{(d_in, d_sae, k)} {result['recipe']:28s} seed {seed}: FVU {result['fvu']:.4f} "
-                      f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%} L0 {result['l0']:.1f}",
-                      flush=True)
+    for case, recipe in runs:
+        result = {**run_case(case), "recipe": describe(recipe, base)}
+        result.pop("curve")
+        results.append(result)
+        print(f"{(case.d_in, case.d_sae, case.k)} {result['recipe']:28s} seed {case.seed}: FVU {result['fvu']:.4f} "
+              f"recovered {result['recovered']:.1%} dead {result['dead_frac']:.1%} L0 {result['l0']:.1f}", flush=True)
     print(summarise(results))
     if args.json:
         with open(args.json, "w") as handle:

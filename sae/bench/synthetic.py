@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.bench.correlated import correlated_activations
+from sae.bench.correlated import correlated_activations, correlated_chunk_rows, scale_to_mean_square
 from sae.bench.external import EXTERNAL, build_external, external_available
 from sae.bench.hierarchy import HierarchicalData, absorption, hierarchical_activations, parents_per_token
 from sae.saes import build_sae
@@ -56,6 +56,8 @@ VANILLA_COEF = 1.0
 WARMUP_STEPS = 3
 SEGMENT_STEPS = 4
 EVAL_TOKENS = 1 << 16
+EVAL_CHUNK = 4096  # rows per evaluation matmul (tokens, or true features against every decoder row)
+GIB = 2**30
 DEFAULT_SIZES = ((128, 2048, 16), (512, 16384, 32))
 IMPLEMENTATIONS = ("topk", "batchtopk", "matryoshka", "jumprelu", "dense_topk", "vanilla")
 # more architectures, run when named in --impls: TopK transcoders (no skip / skip) and the gated SAE.
@@ -179,7 +181,8 @@ def synthetic_activations(d_in: int, n_true: int, k_true: int, n: int, seed: int
         x = F.embedding_bag(indices, features, per_sample_weights=magnitudes, mode="sum")
         chunks.append(x + 0.01 * torch.randn(m, d_in, generator=generator))
     x = torch.cat(chunks)
-    return x * (d_in / x.pow(2).sum(dim=1).mean()).sqrt(), features
+    del chunks
+    return scale_to_mean_square(x, d_in), features
 
 
 def build(case: Case, k_aux: int, n_steps: int) -> nn.Module:
@@ -248,7 +251,7 @@ def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dic
         return transcoder_quality(sae, x_eval)
     sae.eval()  # inference mode (BatchTopK: its threshold, not a batch ranking)
     x_hat, l0, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool, device=x_eval.device)
-    for chunk in x_eval.split(4096):
+    for chunk in x_eval.split(EVAL_CHUNK):
         latents = sae.encode(chunk[:, None])
         if hasattr(sae, "reconstruct"):  # another library: its own decode
             x_hat.append(sae.reconstruct(chunk[:, None]).float())
@@ -258,7 +261,7 @@ def quality(sae: nn.Module, x_eval: torch.Tensor, features: torch.Tensor) -> dic
         fired |= (latents > 0).any(dim=0)
     x_hat = torch.cat(x_hat)
     rows = F.normalize(decoder_rows(sae).float(), dim=1)
-    best_cos = (features.to(rows.device) @ rows.t()).amax(dim=1)
+    best_cos = torch.cat([(part.to(rows.device) @ rows.t()).amax(dim=1) for part in features.split(EVAL_CHUNK)])
     return {
         "fvu": ((x_hat - x_eval).pow(2).sum() / (x_eval - x_eval.mean(dim=0)).pow(2).sum()).item(),
         "l0": torch.cat(l0).mean().item(),
@@ -536,6 +539,44 @@ def plot_curves(results: list[dict], path: str) -> None:
     plt.close(figure)
 
 
+def memory_estimate(case: Case) -> dict[str, float]:
+    """GiB a case needs at its peak, by part (an upper bound of the big tensors, float32): the
+    training and evaluation rows, the generator's temporaries, the SAE with its gradients and Adam
+    moments, one step's [batch, d_sae] activations, and the evaluation's [chunk, d_sae] products."""
+    columns = 2 if case.impl in TRANSCODERS else 1
+    n_rows = case.tokens // case.batch * case.batch + EVAL_TOKENS
+    n_true = max(1, round(case.true_features * case.d_sae))
+    data = 2 * n_rows * case.d_in * columns * 4  # the rows and, while they are joined, their chunks
+    generator = (3 * 8 * correlated_chunk_rows(n_true) * n_true if case.data == "correlated" else 0)
+    weights = (case.d_sae * case.d_in * (1 + columns) + (case.d_in ** 2 if case.impl == "skip_transcoder" else 0)) * 4
+    step = 4 * case.batch * case.d_sae * 4  # pre-activations, their gradient and the dense paths' copies
+    evaluation = 2 * EVAL_CHUNK * case.d_sae * 4
+    return {"data": data / GIB, "generator": generator / GIB, "sae_and_adam": 4 * weights / GIB,
+            "step": step / GIB, "evaluation": evaluation / GIB,
+            "total": (data + max(generator, step + evaluation) + 4 * weights) / GIB}
+
+
+def available_memory_gib(device: str) -> float:
+    """What a new allocation can get: free GPU memory, or the kernel's MemAvailable (Linux)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0] / GIB
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024 / GIB
+
+
+def too_big(case: Case, available_gib: float) -> str | None:
+    """One line saying that the case does not fit in `available_gib` (None when it does)."""
+    need = memory_estimate(case)
+    if need["total"] <= 0.9 * available_gib:
+        return None
+    parts = ", ".join(f"{name.replace('_', ' ')} {need[name]:.1f}" for name in
+                      ("data", "generator", "sae_and_adam", "step", "evaluation") if need[name] >= 0.05)
+    return (f"size {case.d_in},{case.d_sae},{case.k} ({case.impl}, --tokens {case.tokens}, --batch {case.batch}) needs "
+            f"about {need['total']:.1f} GiB ({parts}) but {available_gib:.1f} GiB is available on {case.device}: "
+            f"fewer --tokens, a smaller size or batch, or a machine with more memory")
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     parts = [int(p) for p in text.split(",")]
     if len(parts) != 3 or min(parts) <= 0 or parts[2] > parts[1]:
@@ -585,17 +626,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got '{args.seeds}'")
+    cases = [Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
+                  args.dtype, args.true_features, args.vanilla_coef, seed=seed, jumprelu_coef=args.jumprelu_coef,
+                  eval_every=args.curve_every, data=args.data, token_features=args.token_features)
+             for d_in, d_sae, k in args.sizes for seed in seeds for impl in impls]
+    available = available_memory_gib(args.device)
+    refusal = next(filter(None, (too_big(case, available) for case in cases)), None)
+    if refusal:
+        parser.error(refusal)
     results = []
-    for d_in, d_sae, k in args.sizes:
-        for seed in seeds:
-            for impl in impls:
-                case = Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
-                            args.dtype, args.true_features, args.vanilla_coef, seed=seed,
-                            jumprelu_coef=args.jumprelu_coef, eval_every=args.curve_every, data=args.data,
-                            token_features=args.token_features)
-                results.append(run_isolated(case))
-                print(f"{impl:10s} {(d_in, d_sae, k)} seed {seed}: {results[-1]['tokens_per_s']:,.0f} tokens/s, "
-                      f"FVU {results[-1]['fvu']:.4f}", flush=True)
+    for case in cases:
+        results.append(run_isolated(case))
+        print(f"{case.impl:10s} {(case.d_in, case.d_sae, case.k)} seed {case.seed}: "
+              f"{results[-1]['tokens_per_s']:,.0f} tokens/s, FVU {results[-1]['fvu']:.4f}", flush=True)
     print(table(results))
     if args.curve_every:
         print(equal_time_table(results))

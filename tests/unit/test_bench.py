@@ -1,7 +1,10 @@
 """The training benchmark: synthetic data with known features, and ours vs the dense reference."""
+import dataclasses
+
 import pytest
 import torch
 
+from sae.bench import synthetic
 from sae.bench.synthetic import Case, DenseTopKReference, best_quality, main, quality, run_case, synthetic_activations
 
 
@@ -42,6 +45,43 @@ def test_quality_recovers_a_dictionary_that_holds_the_true_features():
     assert scores["recovered"] == 1.0 and scores["mean_max_cos"] == pytest.approx(1.0)
     sae.W_dec.data = torch.nn.functional.normalize(torch.randn(24, 16), dim=1)
     assert quality(sae, x, features)["recovered"] < 0.5
+
+
+def test_quality_in_chunks_scores_as_one_product(monkeypatch):
+    """Tokens and true features are scored EVAL_CHUNK rows at a time (memory at large d_sae): the
+    same recovered fraction and cosines as the whole product at once."""
+    x, features = synthetic_activations(d_in=16, n_true=20, k_true=2, n=500, seed=1)
+    sae = DenseTopKReference(16, 24, k=2, k_aux=4, aux_coef=0.0)
+    whole = quality(sae, x, features)
+    monkeypatch.setattr(synthetic, "EVAL_CHUNK", 3)
+    chunked = quality(sae, x, features)
+    best_cos = (features @ torch.nn.functional.normalize(sae.W_dec.detach(), dim=1).t()).amax(dim=1)
+    assert chunked["recovered"] == whole["recovered"] == (best_cos > 0.9).float().mean().item()
+    assert chunked["mean_max_cos"] == pytest.approx(best_cos.mean().item(), abs=1e-6)
+    assert chunked["fvu"] == pytest.approx(whole["fvu"], rel=1e-5) and chunked["l0"] == whole["l0"]
+
+
+def test_a_size_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch, capsys):
+    monkeypatch.setattr(synthetic, "available_memory_gib", lambda device: 8.0)
+    monkeypatch.setattr(synthetic, "run_isolated", lambda case: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        main(["--sizes", "128,2048,16", "512,65536,64", "--tokens", "4096000", "--impls", "topk"])
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert "size 512,65536,64 (topk, --tokens 4096000, --batch 4096) needs about 22.9 GiB" in line
+    assert "data 15.9" in line and "but 8.0 GiB is available on cpu" in line
+
+
+def test_the_memory_estimate_counts_rows_weights_and_a_step():
+    case = Case("topk", d_in=512, d_sae=65536, k=64, batch=4096, tokens=4096000, lr=1e-3, device="cpu", threads=1,
+                dtype="float32")
+    need = synthetic.memory_estimate(case)
+    rows = 4096000 + synthetic.EVAL_TOKENS
+    assert need["data"] == pytest.approx(2 * rows * 512 * 4 / 2**30)
+    assert need["sae_and_adam"] == pytest.approx(4 * 2 * 512 * 65536 * 4 / 2**30)  # weights, grads, 2 moments
+    assert need["step"] == pytest.approx(4 * 4096 * 65536 * 4 / 2**30)
+    transcoder = synthetic.memory_estimate(dataclasses.replace(case, impl="transcoder"))
+    assert transcoder["data"] == pytest.approx(2 * need["data"])  # input and target columns
+    assert synthetic.too_big(case, available_gib=1000.0) is None
 
 
 def test_sparse_topk_trains_like_the_dense_reference():

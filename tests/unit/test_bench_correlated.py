@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from sae.bench.correlated import CopulaFeatures, correlated_activations, firing_probabilities
+from sae.bench.correlated import (CHUNK, MAX_CHUNK_ELEMENTS, CopulaFeatures, correlated_activations, correlated_chunk_rows,
+                                  firing_probabilities, scale_to_mean_square)
 
 N = 60_000
 
@@ -81,3 +82,16 @@ def test_several_seeds_give_one_row_each_named_by_seed(capsys):
     assert [r["seed"] for r in results] == [0, 5] and results[0]["fvu"] != results[1]["fvu"]
     out = capsys.readouterr().out
     assert "| topk (seed 0) |" in out and "| topk (seed 5) |" in out
+
+
+def test_many_features_are_drawn_in_smaller_chunks_and_up_to_1024_as_always():
+    """Up to 1024 features every chunk is CHUNK rows (the stream all recorded results were drawn from);
+    beyond, a chunk's [rows, n_true] float64 temporaries stay bounded (d_sae 65536 at 0.5 features per latent)."""
+    assert correlated_chunk_rows(1024) == correlated_chunk_rows(12) == CHUNK
+    assert correlated_chunk_rows(32768) * 32768 <= MAX_CHUNK_ELEMENTS and correlated_chunk_rows(10**9) == 1
+
+
+def test_scaling_in_place_is_the_formula():
+    x = torch.randn(3 * CHUNK + 5, 7, dtype=torch.float64) * 3
+    expected = x * (7 / x.pow(2).sum(dim=1).mean()).sqrt()
+    assert torch.allclose(scale_to_mean_square(x.clone(), 7), expected, rtol=1e-12)

@@ -78,3 +78,21 @@ def test_signum_without_schedulefree_is_refused_before_any_run(monkeypatch, caps
     assert err.err.strip().splitlines()[-1].endswith("optimizer=signum needs the schedulefree package: "
                                                       "pip install -e '.[compare]'")
     assert "seed 0" not in err.out  # not even the base ran
+
+
+def test_a_study_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch, capsys):
+    import sae.bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "available_memory_gib", lambda device: 2.0)
+    monkeypatch.setattr(recipe, "run_case", lambda case: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        main(["--sizes", "128,2048,16", "--tokens", "4096000", "--data", "correlated"])
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert "size 128,2048,16 (topk, --tokens 4096000, --batch 4096) needs about 4.4 GiB" in line
+    assert "but 2.0 GiB is available" in line
+
+
+def test_correlated_data_with_a_hierarchy_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", "correlated", "--children", "4"])
+    assert "--data correlated draws its own data" in capsys.readouterr().err
