@@ -156,6 +156,8 @@ class Case:
     children: int = 0  # > 0: a feature hierarchy, each parent with this many children (sae/bench/hierarchy.py)
     token_features: int | None = None  # true features per token (on average); None: k / 2, the slack TopK gets
     data: str = "flat"  # or "correlated": firing spread 50x and correlated through a copula (sae/bench/correlated.py)
+    copula_rank: int = 8  # correlated data: the copula's rank and strength (how many groups co-fire, how tightly)
+    copula_rho: float = 0.5
     eval_every: int = 0  # also measure quality every this many steps (untimed; 0: only at the end)
 
 
@@ -317,7 +319,8 @@ def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, Hier
     n_true = max(1, round(case.true_features * case.d_sae))
     per_token = case.token_features or max(1, case.k // 2)
     if case.data == "correlated":
-        x, features, _ = correlated_activations(case.d_in, n_true, per_token, n, case.seed)
+        x, features, _ = correlated_activations(case.d_in, n_true, per_token, n, case.seed, rank=case.copula_rank,
+                                                rho=case.copula_rho)
         return x, features, None
     if case.children:
         data = hierarchical_activations(case.d_in, n_true, case.children, parents_per_token(per_token), n, case.seed)
@@ -599,6 +602,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data", default="flat", choices=DATA_GENERATORS,
                         help="flat: every feature equally likely, independent; correlated: firing probabilities "
                              "spread 50x, co-firing through a rank-8 Gaussian copula (rho 0.5)")
+    parser.add_argument("--copula-rank", type=int, default=8, help="--data correlated: the copula's rank")
+    parser.add_argument("--copula-rho", type=float, default=0.5,
+                        help="--data correlated: the copula's strength, in [0, 1) (0: independent firing)")
     parser.add_argument("--token-features", type=int, default=None,
                         help="true features active per token on average (default k / 2)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data and init), one run each")
@@ -614,6 +620,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--plot needs --curve-every N (the steps between quality measurements)")
     if args.curve_every < 0:
         parser.error(f"--curve-every must be >= 0, got {args.curve_every}")
+    if args.copula_rank < 1 or not 0 <= args.copula_rho < 1:
+        parser.error(f"--copula-rank must be >= 1 and --copula-rho in [0, 1), got {args.copula_rank} and "
+                     f"{args.copula_rho}")
     impls = args.impls.split(",")
     unknown = set(impls) - set(IMPLEMENTATIONS) - set(ARCHITECTURES) - set(EXTERNAL)
     if unknown:
@@ -628,7 +637,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--seeds: comma-separated integers, got '{args.seeds}'")
     cases = [Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
                   args.dtype, args.true_features, args.vanilla_coef, seed=seed, jumprelu_coef=args.jumprelu_coef,
-                  eval_every=args.curve_every, data=args.data, token_features=args.token_features)
+                  eval_every=args.curve_every, data=args.data, token_features=args.token_features,
+                  copula_rank=args.copula_rank, copula_rho=args.copula_rho)
              for d_in, d_sae, k in args.sizes for seed in seeds for impl in impls]
     available = available_memory_gib(args.device)
     refusal = next(filter(None, (too_big(case, available) for case in cases)), None)

@@ -1,6 +1,7 @@
 """The correlated synthetic generator (sae/bench/correlated.py): marginal firing rates are the
 geometric probabilities asked for, features co-fire as their copula loadings say (and do not at rho = 0),
 tokens are normalised, and one seed gives one data set."""
+import dataclasses
 import math
 
 import pytest
@@ -72,6 +73,19 @@ def test_the_benchmark_trains_on_the_correlated_data_when_asked(tmp_path):
     x, features, _ = synthetic_data(case, 1000)
     expected, expected_features, _ = correlated_activations(16, 128, 6, 1000, seed=0)
     assert torch.equal(x, expected) and torch.equal(features, expected_features)
+    tighter = dataclasses.replace(case, copula_rank=2, copula_rho=0.9)  # --copula-rank 2 --copula-rho 0.9
+    x_tight, _, _ = synthetic_data(tighter, 1000)
+    assert torch.equal(x_tight, correlated_activations(16, 128, 6, 1000, seed=0, rank=2, rho=0.9)[0])
+    assert not torch.equal(x_tight, x)
+
+
+@pytest.mark.parametrize("flags", [["--copula-rho", "1.0"], ["--copula-rank", "0"]])
+def test_a_copula_outside_its_range_is_refused(flags, capsys):
+    from sae.bench.synthetic import main
+
+    with pytest.raises(SystemExit):
+        main(["--data", "correlated", *flags])
+    assert "--copula-rank must be >= 1 and --copula-rho in [0, 1)" in capsys.readouterr().err
 
 
 def test_several_seeds_give_one_row_each_named_by_seed(capsys):
