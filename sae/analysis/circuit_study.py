@@ -37,9 +37,11 @@ def circuit_summary(run, input_threshold: float = 0.5, output_threshold: float =
     operation = dataset.operations[0].value
     keys = host_key_frequencies(run, operation)
     alignment = key_frequency_alignment(run, keys=keys)
-    input_share = torch.zeros(run.sae.d_sae, dtype=torch.float64)
+    input_share, product_share, single_share = (torch.zeros(run.sae.d_sae, dtype=torch.float64) for _ in range(3))
     for row in alignment["latents"]:
         input_share[row["latent"]] = row["key_share"]
+        product_share[row["latent"]] = row["product_share"]
+        single_share[row["latent"]] = row["single_share"]
     host, clt = to_float64(run.data.sources[0].model, run.sae)
     output_share = output_key_shares(clt, host, operation, keys, dataset.p)
     known = (input_share >= input_threshold) & (output_share >= output_threshold)
@@ -60,8 +62,26 @@ def circuit_summary(run, input_threshold: float = 0.5, output_threshold: float =
             "constants": effects.constants[mask].sum().item() / total.item(),
         }
     carried = per_latent.abs().mean(dim=0)
+    summary["known_by_layer"] = known_input_terms(known, carried, product_share, single_share, clt.per_layer)
     top = carried.argsort(descending=True)[:10].tolist()
     summary["top_latents"] = [{"latent": i, "layer": i // clt.per_layer, "mean_abs_logit_effect": carried[i].item(),
                                "input_key_share": input_share[i].item(), "output_key_share": output_share[i].item()}
                               for i in top]
     return summary
+
+
+def known_input_terms(known: torch.Tensor, carried: torch.Tensor, product_share: torch.Tensor,
+                      single_share: torch.Tensor, per_layer: int) -> list[dict]:
+    """Per layer, the known-algorithm latents' input power split into products of a and b at one key
+    frequency ((w, w): what the MLP is to compute) and terms of one input alone ((w, 0), (0, w): what
+    attention hands it), each a mean over the layer's known latents weighted by |logit effect|."""
+    rows = []
+    for layer in range(len(known) // per_layer):
+        span = slice(layer * per_layer, (layer + 1) * per_layer)
+        mask = known[span]
+        weight = carried[span][mask]
+        total = weight.sum().clamp_min(1e-300)
+        rows.append({"layer": layer, "latents": int(mask.sum()),
+                     "product_share": (weight * product_share[span][mask]).sum().item() / total.item(),
+                     "single_share": (weight * single_share[span][mask]).sum().item() / total.item()})
+    return rows

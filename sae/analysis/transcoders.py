@@ -41,7 +41,7 @@ def key_frequency_alignment(run, operation_index: int = 0, keys: list[int] | Non
     {"keys": K, "alive": n, "key_share": mean over alive latents of their power share on key pairs,
     "top_on_key": fraction whose strongest pair is a key pair, "top_product": fraction whose strongest
     pair is (w, w) with w in K, "chance": a flat spectrum's share on key pairs, "latents": per latent
-    {latent, key_share, k_a, k_b}}."""
+    {latent, key_share, product_share (on (w, w), w in K), single_share (on (w, 0) and (0, w)), k_a, k_b}}."""
     grid = latent_grid(run.sae, run.data)
     operation = grid.operations[operation_index].value
     keys = host_key_frequencies(run, operation) if keys is None else keys
@@ -50,10 +50,15 @@ def key_frequency_alignment(run, operation_index: int = 0, keys: list[int] | Non
     folded = folded_power(grid_power(values[alive]))  # [alive, size, size], each sums to 1 (or 0: constant)
     mask = key_pairs_mask(folded.shape[-1], keys)
     shares = (folded * mask).sum(dim=(1, 2))
+    in_range = [k for k in keys if 0 < k < folded.shape[-1]]
+    products = folded[:, in_range, in_range].sum(dim=1)  # (w, w): cos(w a) cos(w b) terms, cos(w (a ± b))
+    singles = (folded[:, in_range, 0] + folded[:, 0, in_range]).sum(dim=1)  # (w, 0), (0, w): one input alone
     rows = []
-    for latent, share, spectrum in zip(alive.tolist(), shares.tolist(), folded):
+    for latent, share, product, single, spectrum in zip(alive.tolist(), shares.tolist(), products.tolist(),
+                                                        singles.tolist(), folded):
         (k_a, k_b, _), = strongest_folded(spectrum, 1)
-        rows.append({"latent": latent, "key_share": share, "k_a": k_a, "k_b": k_b})
+        rows.append({"latent": latent, "key_share": share, "product_share": product, "single_share": single,
+                     "k_a": k_a, "k_b": k_b})
     flat = torch.ones(values.shape[-1], values.shape[-1])
     flat[0, 0] = 0
     chance = (folded_power(flat / flat.sum()) * mask).sum().item()

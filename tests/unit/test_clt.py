@@ -178,6 +178,11 @@ def test_the_circuit_summary_splits_the_whole_logit(clt_run):
         assert shares["known_algorithm_latents"] + shares["other_latents"] == pytest.approx(shares["latents"])
     assert 0 <= summary["latents_on_known_algorithm"] <= summary["alive"] <= 64
     assert len(summary["top_latents"]) == 10
+    layers = summary["known_by_layer"]
+    assert [row["layer"] for row in layers] == [0, 1]
+    assert sum(row["latents"] for row in layers) == summary["latents_on_known_algorithm"]
+    for row in layers:  # weighted means of shares of one power spectrum: in [0, 1], together at most 1
+        assert 0 <= row["product_share"] and 0 <= row["single_share"] and row["product_share"] + row["single_share"] <= 1 + 1e-9
 
 
 def test_a_clt_is_not_exported_to_a_single_layer_format_and_its_checkpoint_loads_back(clt_run, tmp_path):

@@ -39,6 +39,10 @@ def test_latents_built_on_key_frequencies_put_their_power_there():
     assert by_latent[0]["key_share"] == pytest.approx(1.0, abs=1e-5) and (by_latent[0]["k_a"], by_latent[0]["k_b"]) == (3, 3)
     assert by_latent[1]["key_share"] == pytest.approx(1.0, abs=1e-5) and (by_latent[1]["k_a"], by_latent[1]["k_b"]) == (5, 0)
     assert by_latent[2]["key_share"] < 0.2  # noise: near chance
+    # the product latent's power is all on (3, 3), the single-input latent's all on (5, 0)
+    assert by_latent[0]["product_share"] == pytest.approx(1.0, abs=1e-5) and by_latent[0]["single_share"] < 1e-6
+    assert by_latent[1]["single_share"] == pytest.approx(1.0, abs=1e-5) and by_latent[1]["product_share"] < 1e-6
+    assert by_latent[2]["product_share"] + by_latent[2]["single_share"] <= by_latent[2]["key_share"] + 1e-12
     assert result["top_product"] == pytest.approx(1 / 3) and result["top_on_key"] >= 2 / 3
     size = TINY_P // 2 + 1
     assert result["chance"] == pytest.approx(key_pairs_mask(size, [3, 5]).sum().item() / (size * size - 1), rel=0.3)
