@@ -19,7 +19,7 @@ import statistics
 
 from scipy import stats
 
-from sae.bench.synthetic import DATA_GENERATORS, Case, available_memory_gib, parse_size, run_case, too_big
+from sae.bench.synthetic import DATA_GENERATORS, Case, memory_refusal, parse_size, run_case
 from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  varied_complexity=args.varied_complexity, children=args.children,
                                  token_features=args.token_features, data=args.data, **recipe), recipe)
             for d_in, d_sae, k in args.sizes for recipe in recipes(base, args.vary) for seed in args.seeds]
-    available = available_memory_gib("cpu")
-    refusal = next(filter(None, (too_big(case, available) for case, _ in runs)), None)
+    refusal = memory_refusal([case for case, _ in runs], "cpu")
     if refusal:
         parser.error(refusal)
     results = []

@@ -580,6 +580,12 @@ def too_big(case: Case, available_gib: float) -> str | None:
             f"fewer --tokens, a smaller size or batch, or a machine with more memory")
 
 
+def memory_refusal(cases: list[Case], device: str) -> str | None:
+    """too_big's line for the first case that does not fit the device's available memory, or None."""
+    available = available_memory_gib(device)
+    return next(filter(None, (too_big(case, available) for case in cases)), None)
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     parts = [int(p) for p in text.split(",")]
     if len(parts) != 3 or min(parts) <= 0 or parts[2] > parts[1]:
@@ -640,8 +646,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   eval_every=args.curve_every, data=args.data, token_features=args.token_features,
                   copula_rank=args.copula_rank, copula_rho=args.copula_rho)
              for d_in, d_sae, k in args.sizes for seed in seeds for impl in impls]
-    available = available_memory_gib(args.device)
-    refusal = next(filter(None, (too_big(case, available) for case in cases)), None)
+    refusal = memory_refusal(cases, args.device)
     if refusal:
         parser.error(refusal)
     results = []

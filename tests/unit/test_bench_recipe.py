@@ -82,8 +82,9 @@ def test_signum_without_schedulefree_is_refused_before_any_run(monkeypatch, caps
 
 def test_a_study_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch, capsys):
     import sae.bench.recipe as recipe
+    import sae.bench.synthetic as synthetic
 
-    monkeypatch.setattr(recipe, "available_memory_gib", lambda device: 2.0)
+    monkeypatch.setattr(synthetic, "available_memory_gib", lambda device: 2.0)
     monkeypatch.setattr(recipe, "run_case", lambda case: pytest.fail("a run started"))
     with pytest.raises(SystemExit):
         main(["--sizes", "128,2048,16", "--tokens", "4096000", "--data", "correlated"])
