@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
 from sae.hardware import HardwareConfig
-from sae.training.schedules import SchedulerConfig
+from sae.training.schedules import SchedulerConfig, lr_for_sum, lr_sum_problem
 from sae.tracking.wandb_tracker import TrackingConfig
 
 
@@ -47,7 +48,8 @@ class TrainConfig(HostTrainConfig):
     host_model: Any = MISSING
     sae: SAEConfig = field(default_factory=SAEConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak per-step lr (after warm-up); ignored when lr_sum is set
+    lr_sum: Optional[float] = None  # the run's sum of per-step lrs; sets lr = lr_sum / sum of the schedule's factors
     batch_size: int = 1024
     num_steps: int = 2000
     seed: int = 0
@@ -63,15 +65,21 @@ class TrainConfig(HostTrainConfig):
         for key in ("batch_size", "num_steps", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if self.scheduler.warmup_steps is not None and self.scheduler.warmup_steps >= self.num_steps:
             raise ValueError(f"scheduler.warmup_steps must be < num_steps={self.num_steps}, "
                              f"got {self.scheduler.warmup_steps} (or null: scheduler.warmup_fraction of the run)")
+        if self.lr_sum is not None and (problem := lr_sum_problem(self.lr_sum, self.num_steps, self.scheduler)):
+            raise ValueError(problem)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0 or null, got {self.checkpoint_every}")
+
+    def peak_lr(self) -> float:
+        """The lr the schedule scales: `lr`, or the one lr_sum gives for this num_steps and schedule."""
+        return self.lr if self.lr_sum is None else lr_for_sum(self.lr_sum, self.num_steps, self.scheduler)
 
 
 TASK_HOSTS = ((ModularTaskConfig, HostModelConfig, "the grokking transformer (host_model=transformer)"),

@@ -74,6 +74,8 @@ def extension_problem(saved: dict, cfg: TrainConfig, step: int | None) -> str | 
     if cfg.scheduler.name is not Schedule.constant:
         return (f"scheduler={cfg.scheduler.name.value} depends on num_steps (only scheduler=constant runs can be "
                 "extended)")
+    if cfg.lr_sum is not None:
+        return f"lr_sum={cfg.lr_sum} spreads over num_steps (a longer run gets a lower lr; give a fixed lr to extend)"
     if cfg.sae.resample_every is not None:
         return ("dead-latent resampling's schedule depends on num_steps (sae.resample_until, and none in the "
                 "last interval)")
@@ -206,7 +208,11 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     sample = calibration_sample(data.train).to(device)  # fixed training rows, for what is set from data
     sae.init_from_data(sample)  # JumpReLU: θ from the data
     forward = spread(sae, rows, shards)
-    optimizer = make_optimizer(sae.parameters(), cfg.lr)
+    peak_lr = cfg.peak_lr()
+    if cfg.lr_sum is not None:
+        log.info("lr_sum=%g over %d steps (scheduler=%s): peak lr %.4g", cfg.lr_sum, cfg.num_steps,
+                 cfg.scheduler.name.value, peak_lr)
+    optimizer = make_optimizer(sae.parameters(), peak_lr)
     batch_generator = torch.Generator().manual_seed(cfg.seed)
     dead_latents = DeadLatents(sae.d_sae, cfg.sae.dead_window, device, rows, shards)
     step, flops = 0, 0
@@ -258,7 +264,7 @@ def train(cfg: TrainConfig, run_dir: Path, checked, resume: Resume | None, pendi
     try:
         while step < cfg.num_steps:
             # -- one optimisation step (no host syncs here) --
-            lr = lr_at(step, cfg.lr, cfg.num_steps, cfg.scheduler)
+            lr = lr_at(step, peak_lr, cfg.num_steps, cfg.scheduler)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             coef = sparsity_coef_at(step, cfg.sae.sparsity_coef, cfg.sae.sparsity_warmup_steps)
@@ -388,7 +394,8 @@ def hand_over(pending, step: int, run_dir: Path) -> None:
 
 def divergence_hint(cfg: TrainConfig, last_saved: int | None) -> str:
     kept = f"the last checkpoint (step {last_saved}) is finite" if last_saved else "no checkpoint was written"
-    return (f"likely cause: lr={cfg.lr:g} too high for this SAE (or non-finite activations); {kept}. "
+    lr = f"lr={cfg.lr:g}" if cfg.lr_sum is None else f"lr={cfg.peak_lr():g} (from lr_sum={cfg.lr_sum:g})"
+    return (f"likely cause: {lr} too high for this SAE (or non-finite activations); {kept}. "
             "Rerun with a lower lr in a new output dir")
 
 

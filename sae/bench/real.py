@@ -60,7 +60,7 @@ def train_one(impl: str, cfg, data, steps: int, seed: int):
     architecture = impl if impl in EXTERNAL else cfg.sae.type  # ours: the config's
     case = Case(architecture, d_in, cfg.sae.sparse_dim, getattr(cfg.sae, "k", 0), cfg.batch_size,
                 cfg.batch_size * steps, cfg.lr, "cpu", torch.get_num_threads(), "float32",
-                schedule=cfg.scheduler.name.value, warmup_fraction=cfg.scheduler.warmup_fraction,
+                schedule=cfg.scheduler.name.value, lr_sum=cfg.lr_sum, warmup_fraction=cfg.scheduler.warmup_fraction,
                 resample_every=0 if impl in EXTERNAL else cfg.sae.resample_every or 0,
                 resample_until=cfg.sae.resample_until, resample_scale=cfg.sae.resample_encoder_scale)
     if impl in EXTERNAL:

@@ -19,11 +19,11 @@ import statistics
 
 from scipy import stats
 
-from sae.bench.synthetic import DATA_GENERATORS, Case, memory_refusal, parse_size, run_case
+from sae.bench.synthetic import DATA_GENERATORS, Case, lr_problem, memory_refusal, parse_size, run_case
 from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
-KNOBS = {"lr": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
+KNOBS = {"lr": float, "lr_sum": float, "schedule": str, "warmup_fraction": float, "aux_coef": float, "k_aux": int,
          "init_decoder_norm": float, "beta2": float, "batch": int, "dead_window": int,
          "min_lr_ratio": float, "optimizer": str, "b_dec_init": str,
          "resample_every": int, "resample_until": float, "resample_scale": float,
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  varied_complexity=args.varied_complexity, children=args.children,
                                  token_features=args.token_features, data=args.data, **recipe), recipe)
             for d_in, d_sae, k in args.sizes for recipe in recipes(base, args.vary) for seed in args.seeds]
-    refusal = memory_refusal([case for case, _ in runs], "cpu")
+    refusal = (next(filter(None, (lr_problem(case, "lr", "lr_sum") for case, _ in runs)), None)
+               or memory_refusal([case for case, _ in runs], "cpu"))
     if refusal:
         parser.error(refusal)
     results = []

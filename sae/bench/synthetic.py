@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 from queue import Empty
 import resource
@@ -45,7 +46,7 @@ from sae.saes.matryoshka import MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
-from sae.training.schedules import Schedule, SchedulerConfig, lr_at, sparsity_coef_at
+from sae.training.schedules import Schedule, SchedulerConfig, lr_at, lr_for_sum, lr_sum_problem, sparsity_coef_at
 from sae.training import signum
 from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
@@ -140,6 +141,7 @@ class Case:
     init_l0: int | None = None  # JumpReLU: θ from the data so the run starts at this L0 (sae.init_l0)
     # the recipe (ours and the dense reference; other libraries keep their own): scheduler.* and sae.* keys
     schedule: str = "constant"
+    lr_sum: float | None = None  # set: the peak lr is the one whose per-step lrs sum to this (the trainer's lr_sum)
     warmup_fraction: float = 0.0
     min_lr_ratio: float = 0.0  # where linear_decay / cosine end, as a fraction of lr
     aux_coef: float = 1 / 32
@@ -329,6 +331,17 @@ def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, Hier
     return x, features, None
 
 
+def lr_problem(case: Case, lr_key: str = "--lr", lr_sum_key: str = "--lr-sum") -> str | None:
+    """Why the case's lr (or its lr_sum over its steps and schedule) is not a usable lr, or None."""
+    if case.lr_sum is not None:
+        schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
+                                   min_lr_ratio=case.min_lr_ratio)
+        return lr_sum_problem(case.lr_sum, max(1, case.tokens // case.batch), schedule, lr_sum_key)
+    if not math.isfinite(case.lr) or case.lr <= 0:
+        return f"{lr_key} must be a positive finite number, got {case.lr}"
+    return None
+
+
 def default_k_aux(d_in: int) -> int:
     """AuxK's latents: d_in rounded down to even, at most 512 (Gao et al.: about d_in / 2 and more is fine)."""
     return min(512, d_in // 2 * 2)
@@ -347,6 +360,7 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
     optimizer = sae.make_optimizer() if external else study_optimizer(sae, case)
     schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
                                min_lr_ratio=case.min_lr_ratio)
+    peak_lr = case.lr if case.lr_sum is None else lr_for_sum(case.lr_sum, n_steps, schedule)
     grad_clip = None if external else GRAD_CLIP
     hardware = HardwareConfig(dtype=DType(case.dtype))
     dead = DeadLatents(sae.d_sae, window=case.dead_window or max(1, n_steps * case.batch // 8), device=device)
@@ -362,7 +376,7 @@ def train_sae(sae: nn.Module, case: Case, batch_at, n_steps: int, evaluate) -> d
             segment_start = now
         if not external:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, case.lr, n_steps, schedule)
+                group["lr"] = lr_at(step, peak_lr, n_steps, schedule)
         batch = batch_at(step)
         coef = (sparsity_coef_at(step, sae.cfg.sparsity_coef, sae.cfg.sparsity_warmup_steps)
                 if case.impl in ("vanilla", "jumprelu", "gated") else 0.0)
@@ -602,6 +616,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokens", type=float, default=2**19, help="training tokens per run (one pass)")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr-sum", type=float, default=None,
+                        help="instead of --lr: the sum of the per-step lrs over the run (peak lr = this / steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=[d.value for d in DType])
     parser.add_argument("--true-features", type=float, default=1.0, help="ground-truth features per latent")
@@ -644,9 +660,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = [Case(impl, d_in, d_sae, k, args.batch, int(args.tokens), args.lr, args.device, args.threads,
                   args.dtype, args.true_features, args.vanilla_coef, seed=seed, jumprelu_coef=args.jumprelu_coef,
                   eval_every=args.curve_every, data=args.data, token_features=args.token_features,
-                  copula_rank=args.copula_rank, copula_rho=args.copula_rho)
+                  copula_rank=args.copula_rank, copula_rho=args.copula_rho, lr_sum=args.lr_sum)
              for d_in, d_sae, k in args.sizes for seed in seeds for impl in impls]
-    refusal = memory_refusal(cases, args.device)
+    refusal = next(filter(None, map(lr_problem, cases)), None) or memory_refusal(cases, args.device)
     if refusal:
         parser.error(refusal)
     results = []

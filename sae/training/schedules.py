@@ -56,6 +56,23 @@ def lr_at(step: int, lr: float, num_steps: int, cfg: SchedulerConfig) -> float:
     return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
+def lr_for_sum(lr_sum: float, num_steps: int, cfg: SchedulerConfig) -> float:
+    """The peak lr whose per-step lrs (lr_at, warm-up and decay included) add up to lr_sum over
+    num_steps: the run's ∑lr, which set where a run ends on the synthetic data (docs/recipe.md)."""
+    return lr_sum / math.fsum(lr_at(step, 1.0, num_steps, cfg) for step in range(num_steps))
+
+
+def lr_sum_problem(lr_sum: float, num_steps: int, cfg: SchedulerConfig, key: str = "lr_sum") -> str | None:
+    """Why lr_sum cannot set this run's lr (one line naming the keys), or None."""
+    if not math.isfinite(lr_sum) or lr_sum <= 0:
+        return f"{key} must be a positive finite number (the sum of the per-step lrs over the run) or null, got {lr_sum}"
+    lr = lr_for_sum(lr_sum, num_steps, cfg)
+    if not math.isfinite(lr) or lr <= 0:
+        return (f"{key}={lr_sum} over num_steps={num_steps} with scheduler={cfg.name.value} gives lr={lr}: "
+                f"not a positive finite number; pick a {key} nearer 0.1-1")
+    return None
+
+
 def sparsity_coef_at(step: int, coef: float, warmup_steps: int) -> float:
     """The sparsity penalty ramps linearly from 0 to `coef` over `warmup_steps`."""
     if warmup_steps == 0:

@@ -93,6 +93,30 @@ def test_a_study_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch,
     assert "but 2.0 GiB is available" in line
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--vary", "lr_sum=0.3,0"], "lr_sum must be a positive finite number (the sum of the per-step lrs over the run)"),
+    (["--base", "lr_sum=1e-323"], "lr_sum=1e-323 over num_steps=200 with scheduler=constant gives lr=0.0"),
+    (["--vary", "lr=-0.001"], "lr must be a positive finite number, got -0.001"),
+])
+def test_an_lr_or_lr_sum_that_gives_no_usable_lr_is_refused_before_any_run(monkeypatch, capsys, args, message):
+    import sae.bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "run_case", lambda case: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        main([*args, "--tokens", "819200"])
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert message in line
+
+
+def test_lr_sum_sets_the_study_lr_from_the_steps(monkeypatch):
+    import sae.bench.synthetic as synthetic
+
+    seen = []
+    monkeypatch.setattr(synthetic, "lr_at", lambda step, lr, n, cfg: seen.append(lr) or lr)
+    synthetic.run_case(synthetic.Case("topk", 16, 64, 4, 64, 64 * 40, 1.0, "cpu", 1, "float32", lr_sum=0.02))
+    assert seen and all(lr == pytest.approx(0.02 / 40, rel=1e-12) for lr in seen)
+
+
 def test_correlated_data_with_a_hierarchy_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--data", "correlated", "--children", "4"])

@@ -5,7 +5,8 @@ import torch
 
 from sae.metrics.reconstruction import dead_fraction, fvu, fvu_all_sources
 from sae.host_models.training import log_spaced_steps
-from sae.training.schedules import Schedule, SchedulerConfig, crosses_flop_boundary, lr_at, sparsity_coef_at
+from sae.training.schedules import (Schedule, SchedulerConfig, crosses_flop_boundary, lr_at, lr_for_sum, lr_sum_problem,
+                                    sparsity_coef_at)
 
 
 @pytest.mark.parametrize("name", list(Schedule))
@@ -31,6 +32,31 @@ def test_decays_end_at_min_ratio_and_pass_the_midpoint(name):
     quarter = lr_at(10 + 89 / 4, 2.0, 100, cfg)
     expected = 0.5 * (1 + math.cos(math.pi / 4)) if name is Schedule.cosine else 0.75
     assert quarter == pytest.approx(0.2 + 1.8 * expected)
+
+
+@pytest.mark.parametrize("name", list(Schedule))
+@pytest.mark.parametrize("warmup_steps", [0, 17])
+def test_lr_sum_gives_the_peak_lr_whose_per_step_lrs_add_up_to_it(name, warmup_steps):
+    cfg = SchedulerConfig(name=name, warmup_steps=warmup_steps, min_lr_ratio=0.1)
+    peak = lr_for_sum(0.3, 200, cfg)
+    assert math.fsum(lr_at(step, peak, 200, cfg) for step in range(200)) == pytest.approx(0.3, rel=1e-12)
+    assert lr_sum_problem(0.3, 200, cfg) is None
+
+
+def test_lr_sum_of_a_constant_run_is_lr_times_steps():
+    assert lr_for_sum(0.3, 1000, SchedulerConfig(warmup_steps=0)) == pytest.approx(3e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("lr_sum, message", [
+    (0.0, "lr_sum must be a positive finite number (the sum of the per-step lrs over the run) or null, got 0.0"),
+    (-0.3, "lr_sum must be a positive finite number"),
+    (math.nan, "got nan"),
+    (math.inf, "got inf"),
+    (1e-323, "lr_sum=1e-323 over num_steps=10 with scheduler=linear_decay gives lr=0.0: not a positive finite number"),
+])
+def test_an_lr_sum_that_gives_no_usable_lr_is_refused_in_one_line(lr_sum, message):
+    problem = lr_sum_problem(lr_sum, 10, SchedulerConfig(name=Schedule.linear_decay, warmup_steps=0))
+    assert message in problem and "\n" not in problem
 
 
 def test_sparsity_warmup():

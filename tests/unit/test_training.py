@@ -249,6 +249,7 @@ def test_a_finished_constant_lr_run_extends_bit_identically_to_a_fresh_longer_ru
     (dict(scheduler=SchedulerConfig(warmup_steps=None)), "the warm-up depends on num_steps"),
     (dict(sae=TopKSAEConfig(sparse_dim=64, k=4, k_aux=16, resample_every=10)),
      "dead-latent resampling's schedule depends on num_steps"),
+    (dict(lr_sum=0.09), r"lr_sum=0.09 spreads over num_steps \(a longer run gets a lower lr"),
 ])
 def test_extending_is_refused_in_one_line_when_the_schedule_depends_on_num_steps(tmp_path, host_cache, change, message):
     run_training(tiny_train_config(host_cache, num_steps=30, **change), tmp_path / "run")
@@ -257,6 +258,13 @@ def test_extending_is_refused_in_one_line_when_the_schedule_depends_on_num_steps
         run_training(tiny_train_config(host_cache, num_steps=60, **change), tmp_path / "run")
     assert "\n" not in str(error.value)
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_lr_sum_sets_the_lr_of_every_step(tmp_path, host_cache):
+    cfg = tiny_train_config(host_cache, num_steps=40, lr_sum=0.09, scheduler=SchedulerConfig(warmup_steps=0))
+    run_training(cfg, tmp_path / "run")
+    lrs = {line["step"]: line["train/lr"] for line in metrics_lines(tmp_path / "run") if "train/lr" in line}
+    assert lrs and all(lr == pytest.approx(0.09 / 40, rel=1e-12) for lr in lrs.values())
 
 
 def test_rerunning_a_finished_run_writes_nothing(tmp_path, host_cache):
