@@ -559,7 +559,8 @@ def plot_curves(results: list[dict], path: str) -> None:
 def memory_estimate(case: Case) -> dict[str, float]:
     """GiB a case needs at its peak, by part (an upper bound of the big tensors, float32): the
     training and evaluation rows, the generator's temporaries, the SAE with its gradients and Adam
-    moments, one step's [batch, d_sae] activations, and the evaluation's [chunk, d_sae] products."""
+    moments, one step's [batch, d_sae] activations, the evaluation's [chunk, d_sae] products, and on
+    CPU the process itself (interpreter and libraries: this process's resident memory, ~0.3-0.5 GiB)."""
     columns = 2 if case.impl in TRANSCODERS else 1
     n_rows = case.tokens // case.batch * case.batch + EVAL_TOKENS
     n_true = max(1, round(case.true_features * case.d_sae))
@@ -568,9 +569,16 @@ def memory_estimate(case: Case) -> dict[str, float]:
     weights = (case.d_sae * case.d_in * (1 + columns) + (case.d_in ** 2 if case.impl == "skip_transcoder" else 0)) * 4
     step = 4 * case.batch * case.d_sae * 4  # pre-activations, their gradient and the dense paths' copies
     evaluation = 2 * EVAL_CHUNK * case.d_sae * 4
+    process = process_memory_gib() * GIB if torch.device(case.device).type == "cpu" else 0
     return {"data": data / GIB, "generator": generator / GIB, "sae_and_adam": 4 * weights / GIB,
-            "step": step / GIB, "evaluation": evaluation / GIB,
-            "total": (data + max(generator, step + evaluation) + 4 * weights) / GIB}
+            "step": step / GIB, "evaluation": evaluation / GIB, "process": process / GIB,
+            "total": (data + max(generator, step + evaluation) + 4 * weights + process) / GIB}
+
+
+def process_memory_gib() -> float:
+    """This process's resident memory (Linux /proc/self/statm), what a run's process starts from."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / GIB
 
 
 def available_memory_gib(device: str) -> float:
@@ -588,7 +596,7 @@ def too_big(case: Case, available_gib: float) -> str | None:
     if need["total"] <= 0.9 * available_gib:
         return None
     parts = ", ".join(f"{name.replace('_', ' ')} {need[name]:.1f}" for name in
-                      ("data", "generator", "sae_and_adam", "step", "evaluation") if need[name] >= 0.05)
+                      ("data", "generator", "sae_and_adam", "step", "evaluation", "process") if need[name] >= 0.05)
     return (f"size {case.d_in},{case.d_sae},{case.k} ({case.impl}, --tokens {case.tokens}, --batch {case.batch}) needs "
             f"about {need['total']:.1f} GiB ({parts}) but {available_gib:.1f} GiB is available on {case.device}: "
             f"fewer --tokens, a smaller size or batch, or a machine with more memory")

@@ -63,15 +63,17 @@ def test_quality_in_chunks_scores_as_one_product(monkeypatch):
 
 def test_a_size_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch, capsys):
     monkeypatch.setattr(synthetic, "available_memory_gib", lambda device: 8.0)
+    monkeypatch.setattr(synthetic, "process_memory_gib", lambda: 0.5)
     monkeypatch.setattr(synthetic, "run_isolated", lambda case: pytest.fail("a run started"))
     with pytest.raises(SystemExit):
         main(["--sizes", "128,2048,16", "512,65536,64", "--tokens", "4096000", "--impls", "topk"])
     (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
-    assert "size 512,65536,64 (topk, --tokens 4096000, --batch 4096) needs about 22.9 GiB" in line
-    assert "data 15.9" in line and "but 8.0 GiB is available on cpu" in line
+    assert "size 512,65536,64 (topk, --tokens 4096000, --batch 4096) needs about 23.4 GiB" in line
+    assert "data 15.9" in line and "process 0.5" in line and "but 8.0 GiB is available on cpu" in line
 
 
-def test_the_memory_estimate_counts_rows_weights_and_a_step():
+def test_the_memory_estimate_counts_rows_weights_a_step_and_the_process(monkeypatch):
+    monkeypatch.setattr(synthetic, "process_memory_gib", lambda: 0.5)
     case = Case("topk", d_in=512, d_sae=65536, k=64, batch=4096, tokens=4096000, lr=1e-3, device="cpu", threads=1,
                 dtype="float32")
     need = synthetic.memory_estimate(case)
@@ -79,9 +81,18 @@ def test_the_memory_estimate_counts_rows_weights_and_a_step():
     assert need["data"] == pytest.approx(2 * rows * 512 * 4 / 2**30)
     assert need["sae_and_adam"] == pytest.approx(4 * 2 * 512 * 65536 * 4 / 2**30)  # weights, grads, 2 moments
     assert need["step"] == pytest.approx(4 * 4096 * 65536 * 4 / 2**30)
+    assert need["process"] == 0.5 and need["total"] == pytest.approx(
+        need["data"] + need["step"] + need["evaluation"] + need["sae_and_adam"] + 0.5)
     transcoder = synthetic.memory_estimate(dataclasses.replace(case, impl="transcoder"))
     assert transcoder["data"] == pytest.approx(2 * need["data"])  # input and target columns
     assert synthetic.too_big(case, available_gib=1000.0) is None
+
+
+def test_the_process_part_is_this_process_resident_memory():
+    before = synthetic.process_memory_gib()
+    block = torch.ones(64 * 2**20)  # 256 MiB, written, so resident
+    assert 0.05 < before and synthetic.process_memory_gib() - before > 0.2
+    del block
 
 
 def test_sparse_topk_trains_like_the_dense_reference():

@@ -85,11 +85,12 @@ def test_a_study_that_does_not_fit_memory_is_refused_before_any_run(monkeypatch,
     import sae.bench.synthetic as synthetic
 
     monkeypatch.setattr(synthetic, "available_memory_gib", lambda device: 2.0)
+    monkeypatch.setattr(synthetic, "process_memory_gib", lambda: 0.5)
     monkeypatch.setattr(recipe, "run_case", lambda case: pytest.fail("a run started"))
     with pytest.raises(SystemExit):
         main(["--sizes", "128,2048,16", "--tokens", "4096000", "--data", "correlated"])
     (line,) = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
-    assert "size 128,2048,16 (topk, --tokens 4096000, --batch 4096) needs about 4.4 GiB" in line
+    assert "size 128,2048,16 (topk, --tokens 4096000, --batch 4096) needs about 4.9 GiB" in line
     assert "but 2.0 GiB is available" in line
 
 
