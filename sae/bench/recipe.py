@@ -54,10 +54,12 @@ def parse_vary(text: str) -> tuple[str, list]:
 
 
 def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:
-    """The base, then the base with one knob changed per value (values equal to the base skipped)."""
+    """The base, then the base with one knob changed per value (values equal to the base skipped).
+    lr and lr_sum are one knob in two forms: a recipe that sets lr drops the base's lr_sum."""
     out = [dict(base)]
     for key, values in vary:
-        out += [{**base, key: value} for value in values if value != base[key]]
+        out += [{**base, key: value, **({"lr_sum": None} if key == "lr" and "lr_sum" in base else {})}
+                for value in values if value != base[key] or (key == "lr" and base.get("lr_sum") is not None)]
     return out
 
 

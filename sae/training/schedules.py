@@ -65,7 +65,8 @@ def lr_for_sum(lr_sum: float, num_steps: int, cfg: SchedulerConfig) -> float:
 def lr_sum_problem(lr_sum: float, num_steps: int, cfg: SchedulerConfig, key: str = "lr_sum") -> str | None:
     """Why lr_sum cannot set this run's lr (one line naming the keys), or None."""
     if not math.isfinite(lr_sum) or lr_sum <= 0:
-        return f"{key} must be a positive finite number (the sum of the per-step lrs over the run) or null, got {lr_sum}"
+        return (f"{key} must be a positive finite number (the sum of the per-step lrs over the run) or null, "
+                f"got {lr_sum}")
     lr = lr_for_sum(lr_sum, num_steps, cfg)
     if not math.isfinite(lr) or lr <= 0:
         return (f"{key}={lr_sum} over num_steps={num_steps} with scheduler={cfg.name.value} gives lr={lr}: "

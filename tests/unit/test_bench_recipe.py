@@ -22,6 +22,13 @@ def test_bad_vary_is_refused_with_the_allowed_knobs(text, message):
         parse_vary(text)
 
 
+def test_an_lr_recipe_replaces_the_base_lr_sum():
+    base = {"lr": 0.002, "lr_sum": 0.3, "schedule": "constant"}
+    made = recipes(base, [("lr", [0.001, 0.002])])
+    assert made[1:] == [{"lr": 0.001, "lr_sum": None, "schedule": "constant"},
+                        {"lr": 0.002, "lr_sum": None, "schedule": "constant"}]
+
+
 def test_summary_pairs_seeds_with_the_base_and_gives_a_p_value():
     rows = []
     for seed, (base_fvu, other_fvu) in enumerate([(0.20, 0.10), (0.21, 0.12), (0.19, 0.09)]):
