@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +20,7 @@ from sae.saes import SAE_TYPES, SAEConfig
 from sae.tasks.modular import ModularTaskConfig
 from sae.tasks.protein import ProteinTaskConfig
 from sae.hardware import HardwareConfig
-from sae.training.schedules import SchedulerConfig, lr_for_sum, lr_sum_problem
+from sae.training.schedules import SchedulerConfig, lr_for_sum, lr_problem, lr_sum_problem
 from sae.tracking.wandb_tracker import TrackingConfig
 
 
@@ -65,8 +64,8 @@ class TrainConfig(HostTrainConfig):
         for key in ("batch_size", "num_steps", "log_every", "eval_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if problem := lr_problem(self.lr):
+            raise ValueError(problem)
         if self.scheduler.warmup_steps is not None and self.scheduler.warmup_steps >= self.num_steps:
             raise ValueError(f"scheduler.warmup_steps must be < num_steps={self.num_steps}, "
                              f"got {self.scheduler.warmup_steps} (or null: scheduler.warmup_fraction of the run)")

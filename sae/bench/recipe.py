@@ -19,7 +19,7 @@ import statistics
 
 from scipy import stats
 
-from sae.bench.synthetic import DATA_GENERATORS, Case, lr_problem, memory_refusal, parse_size, run_case
+from sae.bench.synthetic import DATA_GENERATORS, Case, case_lr_problem, memory_refusal, parse_size, run_case
 from sae.training.schedules import Schedule
 
 # what the study may vary, with the type of its values
@@ -58,8 +58,9 @@ def recipes(base: dict, vary: list[tuple[str, list]]) -> list[dict]:
     lr and lr_sum are one knob in two forms: a recipe that sets lr drops the base's lr_sum."""
     out = [dict(base)]
     for key, values in vary:
-        out += [{**base, key: value, **({"lr_sum": None} if key == "lr" and "lr_sum" in base else {})}
-                for value in values if value != base[key] or (key == "lr" and base.get("lr_sum") is not None)]
+        changed = [{**base, key: value, **({"lr_sum": None} if key == "lr" and "lr_sum" in base else {})}
+                   for value in values]
+        out += [recipe for recipe in changed if recipe != base]
     return out
 
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  varied_complexity=args.varied_complexity, children=args.children,
                                  token_features=args.token_features, data=args.data, **recipe), recipe)
             for d_in, d_sae, k in args.sizes for recipe in recipes(base, args.vary) for seed in args.seeds]
-    refusal = (next(filter(None, (lr_problem(case, "lr", "lr_sum") for case, _ in runs)), None)
+    refusal = (next(filter(None, (case_lr_problem(case, "lr", "lr_sum") for case, _ in runs)), None)
                or memory_refusal([case for case, _ in runs], "cpu"))
     if refusal:
         parser.error(refusal)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import multiprocessing
 from queue import Empty
 import resource
@@ -46,7 +45,8 @@ from sae.saes.matryoshka import MatryoshkaSAEConfig
 from sae.saes.topk import TopKSAEConfig
 from sae.saes.vanilla import VanillaSAEConfig
 from sae.hardware import DType, HardwareConfig
-from sae.training.schedules import Schedule, SchedulerConfig, lr_at, lr_for_sum, lr_sum_problem, sparsity_coef_at
+from sae.training.schedules import (Schedule, SchedulerConfig, lr_at, lr_for_sum, lr_problem, lr_sum_problem,
+                                    sparsity_coef_at)
 from sae.training import signum
 from sae.training.resample import resample_dead_latents, resample_due
 from sae.training.step import DeadLatents, make_optimizer, optimisation_step
@@ -331,15 +331,13 @@ def synthetic_data(case: Case, n: int) -> tuple[torch.Tensor, torch.Tensor, Hier
     return x, features, None
 
 
-def lr_problem(case: Case, lr_key: str = "--lr", lr_sum_key: str = "--lr-sum") -> str | None:
+def case_lr_problem(case: Case, lr_key: str = "--lr", lr_sum_key: str = "--lr-sum") -> str | None:
     """Why the case's lr (or its lr_sum over its steps and schedule) is not a usable lr, or None."""
     if case.lr_sum is not None:
         schedule = SchedulerConfig(name=Schedule(case.schedule), warmup_fraction=case.warmup_fraction,
                                    min_lr_ratio=case.min_lr_ratio)
         return lr_sum_problem(case.lr_sum, max(1, case.tokens // case.batch), schedule, lr_sum_key)
-    if not math.isfinite(case.lr) or case.lr <= 0:
-        return f"{lr_key} must be a positive finite number, got {case.lr}"
-    return None
+    return lr_problem(case.lr, lr_key)
 
 
 def default_k_aux(d_in: int) -> int:
@@ -670,7 +668,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   eval_every=args.curve_every, data=args.data, token_features=args.token_features,
                   copula_rank=args.copula_rank, copula_rho=args.copula_rho, lr_sum=args.lr_sum)
              for d_in, d_sae, k in args.sizes for seed in seeds for impl in impls]
-    refusal = next(filter(None, map(lr_problem, cases)), None) or memory_refusal(cases, args.device)
+    refusal = next(filter(None, map(case_lr_problem, cases)), None) or memory_refusal(cases, args.device)
     if refusal:
         parser.error(refusal)
     results = []

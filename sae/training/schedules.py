@@ -62,6 +62,13 @@ def lr_for_sum(lr_sum: float, num_steps: int, cfg: SchedulerConfig) -> float:
     return lr_sum / math.fsum(lr_at(step, 1.0, num_steps, cfg) for step in range(num_steps))
 
 
+def lr_problem(lr: float, key: str = "lr") -> str | None:
+    """Why lr is not a usable learning rate (one line naming the key), or None."""
+    if not math.isfinite(lr) or lr <= 0:
+        return f"{key} must be a positive finite number, got {lr}"
+    return None
+
+
 def lr_sum_problem(lr_sum: float, num_steps: int, cfg: SchedulerConfig, key: str = "lr_sum") -> str | None:
     """Why lr_sum cannot set this run's lr (one line naming the keys), or None."""
     if not math.isfinite(lr_sum) or lr_sum <= 0:
